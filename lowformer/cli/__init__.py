@@ -1,0 +1,38 @@
+"""The ``lowformer`` command: one module per subcommand, each with ``register(subparsers)``.
+
+Parsing lives here and in the subcommand modules; the work is done by library functions. Errors caused
+by user input (``LowformerError``) are printed as one line, without a traceback, with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from lowformer.errors import LowformerError
+
+_SUBCOMMANDS = ["quickstart", "models"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowformer", description="Hardware-efficient vision backbones on timm.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _SUBCOMMANDS:
+        importlib.import_module(f"lowformer.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except LowformerError as e:
+        print(f"lowformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lowformer {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,61 @@
+"""``lowformer quickstart``: the main job on bundled defaults, a tour of what the project does.
+
+It prints the LowFormer model table, then builds LowFormer-B0, classifies the bundled real ImageNet image
+with the model's own preprocessing and times batch-1 inference on this machine."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from lowformer.bench.complexity import model_complexity
+from lowformer.bench.timing import environment, time_callable
+from lowformer.checkpoints import CheckpointError, find_pretrained_file
+from lowformer.cli.models import format_table
+from lowformer.data import bundled_image, eval_transform, load_image
+from lowformer.models import LOWFORMER_MODELS, create_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("quickstart", help="tour on bundled defaults: model table, inference, timing")
+    p.add_argument("--model", default="lowformer_b0", help="model to run on the bundled image")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for the timing")
+    p.set_defaults(func=run)
+
+
+def _imagenet_names() -> list[str]:
+    from importlib import resources
+    text = (resources.files("lowformer") / "assets" / "imagenet_classes.tsv").read_text()
+    return [line.split("\t")[2] for line in text.splitlines() if line.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    print("== LowFormer models (params, MACs in the papers' convention)")
+    print(format_table([model_complexity(n) for n in LOWFORMER_MODELS]))
+
+    try:
+        weights = find_pretrained_file(args.model)
+        model = create_model(args.model, checkpoint_path=weights)
+        source = f"weights from {weights}"
+    except CheckpointError:
+        model = create_model(args.model)
+        source = "random weights (put released weights in the weights folder for real predictions)"
+    model.eval()
+    image = load_image(bundled_image())
+    x = eval_transform(model)(image).unsqueeze(0)
+    with torch.inference_mode():
+        probs = model(x).softmax(-1)[0]
+    names = _imagenet_names()
+    top = probs.topk(3)
+    print(f"\n== {args.model} on {bundled_image().name} (true class: tench), {source}")
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"  {p:6.2%}  {i:4d} {names[i]}")
+
+    env = environment("cpu", args.threads)
+    with torch.inference_mode():
+        t = time_callable(lambda: model(x), threads=args.threads)
+    print(f"\n== batch-1 latency, eager PyTorch, {tuple(x.shape[1:])}: median {t['median_ms']:.1f} ms, "
+          f"min {t['min_ms']:.1f} ms ({t['samples']} samples)")
+    print(f"   device: {env['device']}, torch {env['torch_version']}, threads {env['threads']}, "
+          f"load average {env['load_avg_1m']:.2f}")
+    return 0
