@@ -28,12 +28,15 @@ class StagedNet(nn.Module):
     head: nn.Module
     _pool_flatten = True  # False where the head applies convs to the pooled (B, C, 1, 1) map
 
-    def __init__(self, num_classes: int, global_pool: str, drop_rate: float) -> None:
+    def __init__(self, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.feature_info: list[dict[str, Any]] = []
+
+    def _init_pool(self, global_pool: str, drop_rate: float) -> None:
+        """Create pooling and dropout after the stages: timm's feature wrappers run children in the order
+        they were registered."""
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=self._pool_flatten)
         self.head_drop = nn.Dropout(drop_rate)
 

@@ -164,7 +164,7 @@ class EfficientMod(StagedNet):
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = nn.LayerNorm,
     ) -> None:
-        super().__init__(num_classes, global_pool, drop_rate)
+        super().__init__(num_classes)
         self.stem = ConvNorm(in_chans, embed_dims[0], 7, 4)
         # per block, rising over the whole network; returned split by stage
         dpr = calculate_drop_path_rates(drop_path_rate, [d + a for d, a in zip(depths, attn_depths)],
@@ -180,6 +180,7 @@ class EfficientMod(StagedNet):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.norm = LayerNorm2d(self.num_features, eps=1e-5)
+        self._init_pool(global_pool, drop_rate)
         self.head = self._make_head(self.num_features, num_classes)
         self.apply(self._init_weights)
 

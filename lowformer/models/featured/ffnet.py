@@ -239,7 +239,7 @@ class FFNet(StagedNet):
             drop_path_rate: float = 0.0,
             act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
-        super().__init__(num_classes, global_pool, drop_rate)
+        super().__init__(num_classes)
         self.stem = nn.Sequential(ConvBn(in_chans, stem_dim, 3, 2), act_layer(), ConvBn(stem_dim, embed_dims[0], 3, 2))
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
@@ -253,6 +253,7 @@ class FFNet(StagedNet):
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.norm = nn.BatchNorm2d(self.num_features)
+        self._init_pool(global_pool, drop_rate)
         self.head = self._make_head(self.num_features, num_classes)
         self.apply(self._init_weights)
 

@@ -163,7 +163,7 @@ class MobileViG(StagedNet):
             drop_path_rate: float = 0.0,
             act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
-        super().__init__(num_classes, global_pool, drop_rate)
+        super().__init__(num_classes)
         self.stem = nn.Sequential(
             ConvNormAct(in_chans, local_dims[0] // 2, 3, 2, bias=True, act_layer=act_layer),
             ConvNormAct(local_dims[0] // 2, local_dims[0], 3, 2, bias=True, act_layer=act_layer),
@@ -183,6 +183,7 @@ class MobileViG(StagedNet):
         self.num_features = global_dim
         self.head_hidden_size = head_dim
         self.norm = nn.Identity()
+        self._init_pool(global_pool, drop_rate)
         self.conv_head = nn.Conv2d(global_dim, head_dim, 1)
         self.norm_head = BatchNormAct2d(head_dim, act_layer=act_layer)
         self.flatten = nn.Flatten(1)

@@ -1,0 +1,101 @@
+"""FFNet through the project's API reproduces the vendored original (fixtures; logits reach 1e8 under the
+reference weights, the pass rule scales with each array), with the original checkpoint layout; the fused
+deploy form; the timm API; original names."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from timm.utils import reparameterize_model
+
+import lowformer
+from equivalence import assert_close_rule, case_input, fixture
+from featured_fixture import assert_reproduces_fixture, write_original_checkpoint
+from lowformer.models.featured.ffnet import FFNet
+
+TAPS = ("stage1", "stage2", "stage3", "stage4")
+
+
+@pytest.fixture(scope="module")
+def ffnet_2_file(tmp_path_factory):
+    return write_original_checkpoint("ffnet_2", tmp_path_factory.mktemp("ffnet_2") / "checkpoint.pth")
+
+
+def test_ffnet_1_reproduces_original(tmp_path):
+    assert_reproduces_fixture("ffnet_1", "ffnet_1", write_original_checkpoint("ffnet_1", tmp_path / "c.pth"), TAPS)
+
+
+def test_ffnet_2_reproduces_original(ffnet_2_file):
+    assert_reproduces_fixture("ffnet_2", "ffnet_2", ffnet_2_file, TAPS)
+
+
+def _count(model: torch.nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def test_reparameterized_model_is_smaller_and_reproduces_original(ffnet_2_file):
+    """FFNet-2 has every foldable kind: Conv-BN, 7x7 + 3x3 pairs in both mixers and the stage entries, and
+    the stage entries' BN -> 1x1 conv + identity."""
+    model = lowformer.create_model("ffnet_2", checkpoint_path=ffnet_2_file).eval()
+    deployed = reparameterize_model(model)
+    assert _count(model, torch.nn.BatchNorm2d) == 1 + 2 + 3 * (1 + 2) + 21 * 7 - 3
+    assert _count(deployed, torch.nn.BatchNorm2d) == 1  # the final norm, before pooling
+    assert len(list(deployed.modules())) < len(list(model.modules()))
+    assert sum(p.numel() for p in deployed.parameters()) < sum(p.numel() for p in model.parameters())
+    case = fixture("ffnet_2")["cases"][1]
+    x = torch.randn(1, 3, 75, 131, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close_rule(deployed(case_input(case)), case["output"], what="deployed ffnet_2 output")
+        expected = model(x)
+        assert_close_rule(deployed(x), expected.tolist(), what="deployed ffnet_2 on 75x131")
+
+
+def test_odd_non_square_input_follows_the_strides():
+    model = lowformer.create_model("ffnet_1").eval()
+    h, w = 97, 161
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(torch.randn(1, 3, h, w))
+        out = model.forward_head(final)
+    sizes = [(math.ceil(h / 4 / 2 ** i), math.ceil(w / 4 / 2 ** i)) for i in range(4)]
+    assert [tuple(m.shape[2:]) for m in maps] == sizes
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+def test_layer_scale_variants_build():
+    """FFNet-3/4 crash in the original (a tensor assigned over the layer-scale parameter); here they build,
+    with a (C,) layer scale per residual branch, initialised to 1e-6."""
+    with torch.device("meta"):
+        model = lowformer.create_model("ffnet_3")
+    gammas = [p for n, p in model.named_parameters() if n.endswith((".ls1.gamma", ".ls2.gamma"))]
+    assert len(gammas) == 2 * (4 + 4 + 22 + 5)
+    assert [len(s.blocks) for s in model.stages] == [4, 4, 22, 5]
+
+
+def test_drop_path_feature_info_and_classifier_reset():
+    with torch.device("meta"):
+        model = lowformer.create_model("ffnet_1", drop_path_rate=0.1)
+        features = lowformer.create_model("ffnet_1", features_only=True)
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert len(rates) == 2 + 2 + 8 + 2 - 1 and rates == sorted(rates) and max(rates) == pytest.approx(0.1)
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+    assert features.feature_info.channels() == [80, 160, 320, 640]
+    model.reset_classifier(10)
+    assert model.get_classifier().out_features == 10
+    assert model(torch.zeros(1, 3, 64, 96, device="meta")).shape == (1, 10)
+
+
+def test_original_names_resolve():
+    for alias in ("ffnet1", "ffnet2", "ffnet3", "ffnet4"):
+        assert lowformer.models.resolve_model_name(alias) == f"ffnet_{alias[-1]}"
+    with torch.device("meta"):
+        model = lowformer.create_model("ffnet1")
+    assert isinstance(model, FFNet) and model.pretrained_cfg["architecture"] == "ffnet_1"
+
+
+def test_params_and_macs_match_the_original():
+    """The spec's count of the vendored original: 13.78 M params, 2.298 G MACs at 224."""
+    from lowformer.bench import model_complexity
+    info = model_complexity("ffnet1")
+    assert info["params"] == 13_775_656 and info["image_size"] == 224
+    assert round(info["macs"] / 1e9, 3) == 2.298
