@@ -18,37 +18,38 @@ TAPS = ("stage1", "stage2", "stage3", "stage4")
 
 
 @pytest.fixture(scope="module")
-def ffnet_2_file(tmp_path_factory):
-    return write_original_checkpoint("ffnet_2", tmp_path_factory.mktemp("ffnet_2") / "checkpoint.pth")
+def ffnet_1_file(tmp_path_factory):
+    return write_original_checkpoint("ffnet_1", tmp_path_factory.mktemp("ffnet_1") / "checkpoint.pth")
 
 
-def test_ffnet_1_reproduces_original(tmp_path):
-    assert_reproduces_fixture("ffnet_1", "ffnet_1", write_original_checkpoint("ffnet_1", tmp_path / "c.pth"), TAPS)
+def test_ffnet_1_reproduces_original(ffnet_1_file):
+    assert_reproduces_fixture("ffnet_1", "ffnet_1", ffnet_1_file, TAPS)
 
 
-def test_ffnet_2_reproduces_original(ffnet_2_file):
-    assert_reproduces_fixture("ffnet_2", "ffnet_2", ffnet_2_file, TAPS)
+def test_ffnet_2_reproduces_original(tmp_path):
+    assert_reproduces_fixture("ffnet_2", "ffnet_2", write_original_checkpoint("ffnet_2", tmp_path / "c.pth"), TAPS)
 
 
 def _count(model: torch.nn.Module, kind: type) -> int:
     return sum(isinstance(m, kind) for m in model.modules())
 
 
-def test_reparameterized_model_is_smaller_and_reproduces_original(ffnet_2_file):
-    """FFNet-2 has every foldable kind: Conv-BN, 7x7 + 3x3 pairs in both mixers and the stage entries, and
-    the stage entries' BN -> 1x1 conv + identity."""
-    model = lowformer.create_model("ffnet_2", checkpoint_path=ffnet_2_file).eval()
+def test_reparameterized_model_is_smaller_and_reproduces_original(ffnet_1_file):
+    """FFNet-1 has every foldable kind: Conv-BN (stem, token-mixer 1x1, channel-mixer 3x3), 7x7 + 3x3 pairs
+    (stages 3-4 token mixers, stage entries) and the stage entries' BN -> 1x1 conv + identity."""
+    model = lowformer.create_model("ffnet_1", checkpoint_path=ffnet_1_file).eval()
     deployed = reparameterize_model(model)
-    assert _count(model, torch.nn.BatchNorm2d) == 1 + 2 + 3 * (1 + 2) + 21 * 7 - 3
+    # stem 2, per stage entry 2 + 1, per block 2 (stages 1-2) or 2 + 2 * 2 (stages 3-4), final norm 1
+    assert _count(model, torch.nn.BatchNorm2d) == 2 + 3 * 3 + 4 * 2 + 10 * 6 + 1
     assert _count(deployed, torch.nn.BatchNorm2d) == 1  # the final norm, before pooling
     assert len(list(deployed.modules())) < len(list(model.modules()))
     assert sum(p.numel() for p in deployed.parameters()) < sum(p.numel() for p in model.parameters())
-    case = fixture("ffnet_2")["cases"][1]
+    case = fixture("ffnet_1")["cases"][1]
     x = torch.randn(1, 3, 75, 131, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert_close_rule(deployed(case_input(case)), case["output"], what="deployed ffnet_2 output")
+        assert_close_rule(deployed(case_input(case)), case["output"], what="deployed ffnet_1 output")
         expected = model(x)
-        assert_close_rule(deployed(x), expected.tolist(), what="deployed ffnet_2 on 75x131")
+        assert_close_rule(deployed(x), expected.tolist(), what="deployed ffnet_1 on 75x131")
 
 
 def test_odd_non_square_input_follows_the_strides():

@@ -71,6 +71,16 @@ def test_drop_path_feature_info_and_classifier_reset():
     assert model(torch.zeros(2, 3, 64, 96, device="meta")).shape == (2, 10)
 
 
+def test_pruned_to_an_early_stage_still_runs():
+    with torch.device("meta"):
+        model = lowformer.create_model("mobilevig_ti")
+        assert model.prune_intermediate_layers(indices=(1, 2)) == [1, 2]
+        final, maps = model.forward_intermediates(torch.zeros(1, 3, 64, 96), indices=(1, 2))
+        pooled = model.forward_head(final)
+    assert [tuple(m.shape) for m in maps] == [(1, 84, 8, 12), (1, 168, 4, 6)]
+    assert pooled.shape == (1, 168)
+
+
 def test_original_names_resolve():
     for alias, name in {"mobilevigti": "mobilevig_ti", "mobilevigs": "mobilevig_s", "mobilevigm": "mobilevig_m",
                         "mobilevigb": "mobilevig_b"}.items():

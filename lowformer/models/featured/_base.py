@@ -3,8 +3,8 @@
 Every featured family is a stem followed by four stages, each at its own stride, so the parts of timm's
 per-family API that only walk that skeleton (``forward_intermediates``, ``prune_intermediate_layers``,
 classifier access and reset, gradient checkpointing) are written once here. A family builds ``stem``,
-``stages`` (an ``nn.Sequential``), ``norm``, ``global_pool``, ``head_drop`` and ``head`` in its constructor
-and overrides ``forward_head`` when its head has more than pool, dropout and a linear layer.
+``stages`` (an ``nn.Sequential``), ``norm``, then ``_init_pool`` and ``head`` in its constructor, and
+overrides ``forward_head`` when its head has more than pool, dropout and a linear layer.
 """
 from __future__ import annotations
 
@@ -104,12 +104,18 @@ class StagedNet(nn.Module):
             self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the stages after the last of ``indices`` (and the norm / head if asked)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        if prune_end:  # norm and head were sized for the last stage
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
+        if prune_head or prune_end:
+            self._remove_head()
         return take_indices
+
+    def _remove_head(self) -> None:
+        self.reset_classifier(0)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -120,8 +120,8 @@ class EfficientModStage(nn.Module):
         x = self.downsample(x).permute(0, 2, 3, 1)
         x = self.blocks(x)
         if len(self.attn_blocks):
-            b, h, w, c = x.shape
-            x = self.attn_blocks(x.reshape(b, h * w, c)).reshape(b, h, w, c)
+            shape = x.shape  # not unpacked, so torch.fx can trace it
+            x = self.attn_blocks(x.flatten(1, 2)).reshape(shape)
         return x.permute(0, 3, 1, 2)
 
 

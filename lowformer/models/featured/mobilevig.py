@@ -175,8 +175,8 @@ class MobileViG(StagedNet):
             blocks = [InvertedResidual(dim, 4.0, layer_scale_init_value, dpr[i][j], act_layer) for j in range(depth)]
             stages.append(MobileViGStage(in_chs, dim, blocks, downsample=i > 0))
             in_chs = dim
-        stages.append(MobileViGStage(
-            in_chs, global_dim, [GraphBlock(global_dim, hop, dpr[-1][j], act_layer) for j in range(global_depth)], downsample=True))
+        graph_blocks = [GraphBlock(global_dim, hop, dpr[-1][j], act_layer) for j in range(global_depth)]
+        stages.append(MobileViGStage(in_chs, global_dim, graph_blocks, downsample=True))
         self.stages = nn.Sequential(*stages)
         for i, dim in enumerate([*local_dims, global_dim]):
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
@@ -202,6 +202,11 @@ class MobileViG(StagedNet):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if n.endswith(".ls.gamma")}
+
+    def _remove_head(self) -> None:
+        self.conv_head, self.norm_head = nn.Identity(), nn.Identity()
+        self.head_hidden_size = self.num_features
+        super()._remove_head()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.flatten(self.norm_head(self.conv_head(self.global_pool(x))))
