@@ -3,14 +3,13 @@ reference weights, the pass rule scales with each array), with the original chec
 deploy form; the timm API; original names."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from timm.utils import reparameterize_model
 
 import lowformer
 from equivalence import assert_close_rule, case_input, fixture
+from featured_api import assert_aliases, assert_odd_input_follows_strides, assert_params_and_macs, assert_timm_api
 from featured_fixture import assert_reproduces_fixture, write_original_checkpoint
 from lowformer.models.featured.ffnet import FFNet
 
@@ -52,15 +51,8 @@ def test_reparameterized_model_is_smaller_and_reproduces_original(ffnet_1_file):
         assert_close_rule(deployed(x), expected.tolist(), what="deployed ffnet_1 on 75x131")
 
 
-def test_odd_non_square_input_follows_the_strides():
-    model = lowformer.create_model("ffnet_1").eval()
-    h, w = 97, 161
-    with torch.no_grad():
-        final, maps = model.forward_intermediates(torch.randn(1, 3, h, w))
-        out = model.forward_head(final)
-    sizes = [(math.ceil(h / 4 / 2 ** i), math.ceil(w / 4 / 2 ** i)) for i in range(4)]
-    assert [tuple(m.shape[2:]) for m in maps] == sizes
-    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+def test_odd_non_square_input():
+    assert_odd_input_follows_strides("ffnet_1", 97, 161, [80, 160, 320, 640])
 
 
 def test_layer_scale_variants_build():
@@ -74,29 +66,13 @@ def test_layer_scale_variants_build():
 
 
 def test_drop_path_feature_info_and_classifier_reset():
-    with torch.device("meta"):
-        model = lowformer.create_model("ffnet_1", drop_path_rate=0.1)
-        features = lowformer.create_model("ffnet_1", features_only=True)
-    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
-    assert len(rates) == 2 + 2 + 8 + 2 - 1 and rates == sorted(rates) and max(rates) == pytest.approx(0.1)
-    assert features.feature_info.reduction() == [4, 8, 16, 32]
-    assert features.feature_info.channels() == [80, 160, 320, 640]
-    model.reset_classifier(10)
-    assert model.get_classifier().out_features == 10
-    assert model(torch.zeros(1, 3, 64, 96, device="meta")).shape == (1, 10)
+    assert_timm_api("ffnet_1", 2 + 2 + 8 + 2, [80, 160, 320, 640])
 
 
 def test_original_names_resolve():
-    for alias in ("ffnet1", "ffnet2", "ffnet3", "ffnet4"):
-        assert lowformer.models.resolve_model_name(alias) == f"ffnet_{alias[-1]}"
-    with torch.device("meta"):
-        model = lowformer.create_model("ffnet1")
-    assert isinstance(model, FFNet) and model.pretrained_cfg["architecture"] == "ffnet_1"
+    assert_aliases({f"ffnet{i}": f"ffnet_{i}" for i in range(1, 5)}, FFNet)
 
 
 def test_params_and_macs_match_the_original():
     """The spec's count of the vendored original: 13.78 M params, 2.298 G MACs at 224."""
-    from lowformer.bench import model_complexity
-    info = model_complexity("ffnet1")
-    assert info["params"] == 13_775_656 and info["image_size"] == 224
-    assert round(info["macs"] / 1e9, 3) == 2.298
+    assert_params_and_macs("ffnet1", 13_775_656, 2.298)

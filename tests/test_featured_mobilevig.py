@@ -2,12 +2,11 @@
 checkpoint layout; the graph aggregation on non-square maps; the timm API; original names."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import lowformer
+from featured_api import assert_aliases, assert_odd_input_follows_strides, assert_params_and_macs, assert_timm_api
 from featured_fixture import assert_reproduces_fixture, write_original_checkpoint
 from lowformer.models.featured.mobilevig import MaxRelative, MobileViG, checkpoint_filter_fn
 
@@ -34,15 +33,8 @@ def test_max_relative_on_a_non_square_map():
     torch.testing.assert_close(MaxRelative(2)(x), expected)
 
 
-def test_odd_non_square_input_follows_the_strides():
-    model = lowformer.create_model("mobilevig_ti").eval()
-    h, w = 161, 97
-    with torch.no_grad():
-        final, maps = model.forward_intermediates(torch.randn(1, 3, h, w))
-        out = model.forward_head(final)
-    sizes = [(math.ceil(h / 4 / 2 ** i), math.ceil(w / 4 / 2 ** i)) for i in range(4)]
-    assert [tuple(m.shape[2:]) for m in maps] == sizes
-    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+def test_odd_non_square_input():
+    assert_odd_input_follows_strides("mobilevig_ti", 161, 97, [42, 84, 168, 256])
 
 
 def test_distillation_head_is_merged_into_the_classifier():
@@ -59,16 +51,10 @@ def test_distillation_head_is_merged_into_the_classifier():
 
 
 def test_drop_path_feature_info_and_classifier_reset():
+    assert_timm_api("mobilevig_m", 3 + 3 + 9 + 3, [42, 84, 224, 400])
     with torch.device("meta"):
-        model = lowformer.create_model("mobilevig_m", drop_path_rate=0.1)
-        features = lowformer.create_model("mobilevig_m", features_only=True)
-    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
-    assert len(rates) == 3 + 3 + 9 + 3 - 1 and rates == sorted(rates) and max(rates) == pytest.approx(0.1)
-    assert features.feature_info.reduction() == [4, 8, 16, 32]
-    assert features.feature_info.channels() == [42, 84, 224, 400]
-    model.reset_classifier(10)
-    assert model.get_classifier().in_features == 768 and model.get_classifier().out_features == 10
-    assert model(torch.zeros(2, 3, 64, 96, device="meta")).shape == (2, 10)
+        model = lowformer.create_model("mobilevig_m", num_classes=10)
+    assert model.get_classifier().in_features == 768  # after the head's 1x1 conv
 
 
 def test_pruned_to_an_early_stage_still_runs():
@@ -82,17 +68,10 @@ def test_pruned_to_an_early_stage_still_runs():
 
 
 def test_original_names_resolve():
-    for alias, name in {"mobilevigti": "mobilevig_ti", "mobilevigs": "mobilevig_s", "mobilevigm": "mobilevig_m",
-                        "mobilevigb": "mobilevig_b"}.items():
-        assert lowformer.models.resolve_model_name(alias) == name
-    with torch.device("meta"):
-        model = lowformer.create_model("mobilevigm")
-    assert isinstance(model, MobileViG) and model.pretrained_cfg["architecture"] == "mobilevig_m"
+    assert_aliases({"mobilevigti": "mobilevig_ti", "mobilevigs": "mobilevig_s", "mobilevigm": "mobilevig_m",
+                    "mobilevigb": "mobilevig_b"}, MobileViG)
 
 
 def test_params_and_macs_match_the_original():
     """The spec's count of the vendored original: 13.31 M params, 1.493 G MACs at 224."""
-    from lowformer.bench import model_complexity
-    info = model_complexity("mobilevigm")
-    assert info["params"] == 13_306_786 and info["image_size"] == 224
-    assert round(info["macs"] / 1e9, 3) == 1.493
+    assert_params_and_macs("mobilevigm", 13_306_786, 1.493)

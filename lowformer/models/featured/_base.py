@@ -12,11 +12,30 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-__all__ = ["StagedNet"]
+__all__ = ["StagedNet", "featured_cfg", "rename_prefix"]
+
+
+def featured_cfg(**kwargs: Any) -> dict[str, Any]:
+    """A ``pretrained_cfg``: ImageNet-1k evaluation at 224 (where the spec counts MACs), head named ``head``;
+    a family adds ``first_conv``, ``origin_url`` and ``paper_ids``."""
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "classifier": "head", **kwargs,
+    }
+
+
+def rename_prefix(key: str, table: dict[str, str], family: str) -> str:
+    """Replace the first prefix of ``table`` (so list more specific prefixes first) that starts ``key``."""
+    for old, new in table.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise KeyError(f"unexpected {family} checkpoint key part '{key}'")
 
 
 class StagedNet(nn.Module):

@@ -22,13 +22,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, DropPath, LayerNorm2d, LayerScale, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import StagedNet
+from lowformer.models.featured._base import StagedNet, featured_cfg
 
 __all__ = ["EfficientMod"]
 
@@ -225,12 +224,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: EfficientMo
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.conv", "classifier": "head", "license": "apache-2.0",
-        "origin_url": "https://github.com/ma-xu/EfficientMod", "paper_ids": "arXiv:2403.19963", **kwargs,
-    }
+    return featured_cfg(
+        first_conv="stem.conv", origin_url="https://github.com/ma-xu/EfficientMod",
+        paper_ids="arXiv:2403.19963", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

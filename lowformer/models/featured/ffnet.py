@@ -24,13 +24,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale2d, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import StagedNet
+from lowformer.models.featured._base import StagedNet, featured_cfg, rename_prefix
 
 __all__ = ["FFNet"]
 
@@ -281,12 +280,6 @@ _BLOCK = {"token_mixer.0.main.conv1.conv.": "token_mixer.conv1.large.",
           "channel_mixer.layer_scale": "ls2.gamma"}
 
 
-def _rename(rest: str, table: dict[str, str]) -> str:
-    for old, new in table.items():  # more specific prefixes first
-        if rest.startswith(old):
-            return new + rest[len(old):]
-    raise KeyError(f"unexpected FFNet key part '{rest}'")
-
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FFNet) -> dict[str, torch.Tensor]:
     """Map the original layout onto ours: ``patch_embed`` -> ``stem``; ``stages.N.M`` where stages 2-4 open
@@ -302,9 +295,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FFNet) -> d
             _, i, n, rest = k.split(".", 3)
             i, n = int(i), int(n)
             if i > 0 and n == 0:
-                k = f"stages.{i}.downsample." + _rename(rest, _MERGE)
+                k = f"stages.{i}.downsample." + rename_prefix(rest, _MERGE, "FFNet")
             else:
-                k = f"stages.{i}.blocks.{n - (i > 0)}." + _rename(rest, _BLOCK)
+                k = f"stages.{i}.blocks.{n - (i > 0)}." + rename_prefix(rest, _BLOCK, "FFNet")
                 if k.endswith(".gamma"):
                     v = v.reshape(-1)
         out[k] = v
@@ -312,12 +305,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: FFNet) -> d
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0.c", "classifier": "head",
-        "origin_url": "https://github.com/ysj9909/FFNet", "paper_ids": "arXiv:2406.02021", **kwargs,
-    }
+    return featured_cfg(
+        first_conv="stem.0.c", origin_url="https://github.com/ysj9909/FFNet",
+        paper_ids="arXiv:2406.02021", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -22,7 +22,6 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     BatchNormAct2d, ConvNormAct, DropPath, LayerScale2d, calculate_drop_path_rates,
     trunc_normal_,
@@ -31,7 +30,7 @@ from timm.layers._fx import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import StagedNet
+from lowformer.models.featured._base import StagedNet, featured_cfg, rename_prefix
 
 __all__ = ["MobileViG"]
 
@@ -227,12 +226,6 @@ _OTHER = {"stem.stem.0.": "stem.0.conv.", "stem.stem.1.": "stem.0.bn.", "stem.st
           "stem.stem.4.": "stem.1.bn.", "prediction.1.": "conv_head.", "prediction.2.": "norm_head."}
 
 
-def _rename(rest: str, table: dict[str, str]) -> str:
-    for old, new in table.items():
-        if rest.startswith(old):
-            return new + rest[len(old):]
-    raise KeyError(f"unexpected MobileViG key part '{rest}'")
-
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MobileViG) -> dict[str, torch.Tensor]:
     """Map the original layout onto ours: ``local_backbone.N`` (downsamples and inverted-residual blocks in one
@@ -253,7 +246,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MobileViG) 
         if k.startswith(("local_backbone.", "backbone.")):
             part, n, rest = k.split(".", 2)
             prefix, table = (local if part == "local_backbone" else graph)[int(n)]
-            k = prefix + _rename(rest, table)
+            k = prefix + rename_prefix(rest, table, "MobileViG")
             if k.endswith(".ls.gamma"):
                 v = v.reshape(-1)
         elif k.startswith(("head.", "dist_head.")):
@@ -263,18 +256,15 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MobileViG) 
                 v = (v + state_dict[other + k.split(".", 1)[1]].reshape(v.shape)) / 2
             k = "head." + k.split(".", 1)[1]
         else:
-            k = _rename(k, _OTHER)
+            k = rename_prefix(k, _OTHER, "MobileViG")
         out[k] = v
     return out
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
-        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem.0.conv", "classifier": "head",
-        "origin_url": "https://github.com/SLDGroup/MobileViG", "paper_ids": "arXiv:2307.00395", **kwargs,
-    }
+    return featured_cfg(
+        first_conv="stem.0.conv", origin_url="https://github.com/SLDGroup/MobileViG",
+        paper_ids="arXiv:2307.00395", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
