@@ -6,20 +6,31 @@ import math
 
 import pytest
 import torch
+import torch.fx
+from timm.layers._fx import get_notrace_modules
 
 import lowformer
 
 
 def assert_odd_input_follows_strides(name: str, height: int, width: int, channels: list[int]) -> None:
-    """Every stride-2 step of these families pads to round up: stage i is ceil(side / (4 * 2**i))."""
+    """Every stride-2 step of these families pads to round up: stage i is ceil(side / (4 * 2**i)). The graph
+    torch.fx traces (timm's no-trace modules as leaves, as a deploy pass traces it) computes the same."""
     model = lowformer.create_model(name).eval()
+    x = torch.randn(1, 3, height, width)
     with torch.no_grad():
-        final, maps = model.forward_intermediates(torch.randn(1, 3, height, width))
+        final, maps = model.forward_intermediates(x)
         out = model.forward_head(final)
+        traced = torch.fx.GraphModule(model, _LeafTracer().trace(model))
+        torch.testing.assert_close(traced(x), out)
     sizes = [(math.ceil(height / 4 / 2 ** i), math.ceil(width / 4 / 2 ** i)) for i in range(4)]
     assert [tuple(m.shape[2:]) for m in maps] == sizes
     assert [m.shape[1] for m in maps] == channels
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        return isinstance(m, tuple(get_notrace_modules())) or super().is_leaf_module(m, qualname)
 
 
 def assert_timm_api(name: str, blocks: int, channels: list[int]) -> None:
