@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (
-    ClassifierHead, ConvNormAct, DropPath, Mlp, calculate_drop_path_rates, trunc_normal_,
+    ClassifierHead, ConvNormAct, DropPath, Mlp, calculate_drop_path_rates, register_notrace_module, trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -47,6 +47,7 @@ def _resize_along(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return F.interpolate(t, size=target, mode="bilinear", align_corners=True)
 
 
+@register_notrace_module  # sizes its kernel from the input shape
 class GlobalCircularConv(nn.Module):
     """Depthwise circular cross-correlation over the whole axis: out[i] = sum_j k[j] * x[(i + j) mod n].
 
@@ -98,6 +99,7 @@ class SqueezeExcite(nn.Module):
         return x * s
 
 
+@register_notrace_module  # sizes its position embeddings from the input shape
 class GccBlock(nn.Module):
     """Meta-former block with global circular convolutions as token mixer (``gcc_ca`` in the original).
 
