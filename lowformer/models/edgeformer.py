@@ -72,7 +72,8 @@ class GlobalCircularConv(nn.Module):
 
 
 class SqueezeExcite(nn.Module):
-    """Channel gate with BatchNorm inside and no biases (EdgeFormer's ``ca``): x * hsigmoid(BN(fc(hswish(BN(fc(mean x))))))."""
+    """Channel gate with BatchNorm inside and no biases (EdgeFormer's ``ca``):
+    x * hardsigmoid(BN(fc(hardswish(BN(fc(mean x))))))."""
 
     def __init__(
             self,
