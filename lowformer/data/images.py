@@ -13,7 +13,11 @@ from timm.data import create_transform, resolve_model_data_config
 
 from lowformer.errors import LowformerError
 
-__all__ = ["ImageReadError", "load_image", "bundled_image", "eval_transform"]
+__all__ = ["ImageReadError", "load_image", "bundled_image", "eval_transform", "BGR_INPUT_NOTE", "ToBGR"]
+
+# timm's data config has no channel-order field: a family trained on BGR input (EdgeFormer, read with
+# OpenCV) says so with this entry in its pretrained_cfg ``notes``, which ``eval_transform`` honours.
+BGR_INPUT_NOTE = "input channel order: BGR"
 
 
 class ImageReadError(LowformerError, OSError):
@@ -36,10 +40,25 @@ def bundled_image() -> Path:
     return Path(str(resources.files("lowformer") / "assets" / "n01440764_tench.jpg"))
 
 
+class ToBGR:
+    """Reverse the channel order of a CHW tensor (RGB to BGR); a class, so that loader workers can pickle it."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 def eval_transform(model: nn.Module, **overrides: Any) -> Callable[[Image.Image], torch.Tensor]:
     """The evaluation transform of ``model``'s recipe: resize, center crop (``crop_pct``), interpolation,
-    mean/std, all from its ``pretrained_cfg``; ``overrides`` (``input_size``, ``crop_pct``,
-    ``interpolation``...) replace single entries."""
+    mean/std, all from its ``pretrained_cfg``, then RGB to BGR where the cfg's ``notes`` hold
+    ``BGR_INPUT_NOTE``; ``overrides`` (``input_size``, ``crop_pct``, ``interpolation``...) replace single
+    entries."""
     config = resolve_model_data_config(model)
     config.update({k: v for k, v in overrides.items() if v is not None})
-    return create_transform(**config, is_training=False)
+    transform = create_transform(**config, is_training=False)
+    notes = (getattr(model, "pretrained_cfg", None) or {}).get("notes") or ()
+    if BGR_INPUT_NOTE in notes:
+        transform.transforms.append(ToBGR())
+    return transform

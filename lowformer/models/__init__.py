@@ -5,6 +5,7 @@ from lowformer.models._registry import (
     register_project_models, resolve_model_name,
 )
 from lowformer.models import featured  # noqa: F401  (registers the featured families)
+from lowformer.models import edgeformer  # noqa: F401  (registers edgeformer_*)
 from lowformer.models.lowformer import (
     LOWFORMER_MODELS, get_lowformer_b0, get_lowformer_b1, get_lowformer_b3, get_lowformer_b15,
     get_lowformer_E1, get_lowformer_E2, get_lowformer_E3,
