@@ -19,20 +19,15 @@ runs at any input of at least 32 pixels per side, square or not, and reproduces 
 wherever the original runs (sides that are multiples of 32).
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import (
-    ConvMlp, DropPath, LayerNorm2d, Mlp, SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_,
-    use_fused_attn,
-)
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ConvMlp, DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lowformer.models._registry import register_aliases
+from lowformer.models.featured._pyramid import PyramidClassifier, Stage, imagenet_cfg, map_self_attention
 
 __all__ = ['EdgeVit']
 
@@ -101,8 +96,6 @@ class GlobalSparseAttn(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.sr_ratio = sr_ratio
         self.fused_attn = use_fused_attn()
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
@@ -124,14 +117,7 @@ class GlobalSparseAttn(nn.Module):
             # the original samples with AvgPool2d(kernel 1, stride r), i.e. every r-th pixel
             x = x[:, :, ::r, ::r]
         h, w = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2)
-        q, k, v = self.qkv(x).reshape(B, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
+        x = map_self_attention(x, self.qkv, self.num_heads, self.fused_attn, self.attn_drop)
         x = x.transpose(1, 2).reshape(B, h * w, C)
         if r > 1:
             x = x.transpose(1, 2).reshape(B, C, h, w)
@@ -197,21 +183,7 @@ class LGLBlock(nn.Module):
         return self.global_agg(self.local_agg(x))
 
 
-class EdgeVitStage(nn.Module):
-    def __init__(self, downsample: nn.Module, blocks: List[nn.Module]):
-        super().__init__()
-        self.downsample = downsample
-        self.blocks = nn.Sequential(*blocks)
-        self.grad_checkpointing = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
-class EdgeVit(nn.Module):
+class EdgeVit(PyramidClassifier):
     """EdgeViT: a 4x4 patch stem and four stages of local-global-local blocks, BatchNorm head."""
 
     def __init__(
@@ -255,11 +227,8 @@ class EdgeVit(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = img_size
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         self.feature_info = []
 
         self.stem = PatchEmbed(in_chans, embed_dims[0], 4, **dd)
@@ -268,7 +237,7 @@ class EdgeVit(nn.Module):
         prev_dim = embed_dims[0]
         reduction = 4
         for i, (depth, dim, sr) in enumerate(zip(depths, embed_dims, sr_ratios)):
-            downsample = nn.Identity() if i == 0 else PatchEmbed(prev_dim, dim, 2, **dd)
+            downsample = None if i == 0 else PatchEmbed(prev_dim, dim, 2, **dd)
             reduction = reduction if i == 0 else reduction * 2
             start = sum(depths[:i])
             blocks = [
@@ -276,111 +245,18 @@ class EdgeVit(nn.Module):
                     dim, dim // head_dim, sr, drop_path=dpr[start + j], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                     proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, act_layer=act_layer, **dd)
                 for j in range(depth)]
-            stages.append(EdgeVitStage(downsample, blocks))
+            stages.append(Stage(blocks, downsample))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f'stages.{i}'))
             prev_dim = dim
         self.stages = nn.Sequential(*stages)
 
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = nn.BatchNorm2d(self.num_features, **dd)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW); `norm` applies the head's BatchNorm to the last stage's map."""
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if max_index == last_idx:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self.init_head(
+            embed_dims[-1], nn.BatchNorm2d(embed_dims[-1], **dd), num_classes, global_pool, drop_rate, **dd)
+        self.apply(self.init_linear)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map the original EdgeViT layout (`patch_embedN`, `blocksN.i.LocalAgg/SelfAttn`) onto this one."""
-    state_dict = state_dict.get('model', state_dict)
-    state_dict = state_dict.get('state_dict', state_dict)
     if 'stem.proj.weight' in state_dict:
         return state_dict
     out = {}
@@ -397,16 +273,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return out
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.9, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.proj', 'classifier': 'head',
-        'origin_url': 'https://github.com/saic-fi/edgevit', 'license': 'other',
-        **kwargs,
-    }
-
+_cfg = partial(imagenet_cfg, first_conv='stem.proj', origin_url='https://github.com/saic-fi/edgevit', license='other')
 
 default_cfgs = generate_default_cfgs({
     'edgevit_xxs.untrained': _cfg(),

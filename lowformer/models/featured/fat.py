@@ -18,18 +18,17 @@ so the stage outputs sit at strides 8/16/32/32 and the only stride-4 map is the 
 lists all five taps and `features_only` takes one map per stride by default (stem, stages 1, 2 and 4).
 """
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from functools import partial
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvNormAct, DropPath, SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_, \
-    use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import ConvNormAct, DropPath, calculate_drop_path_rates, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lowformer.models._registry import register_aliases
+from lowformer.models.featured._pyramid import PyramidClassifier, Stage, imagenet_cfg
 
 __all__ = ['FAT']
 
@@ -160,19 +159,7 @@ class FATBlock(nn.Module):
         return self.downsample(x) + self.drop_path(self.ffn(self.norm2(x)))
 
 
-class FATStage(nn.Module):
-    def __init__(self, blocks: List[nn.Module]):
-        super().__init__()
-        self.blocks = nn.Sequential(*blocks)
-        self.grad_checkpointing = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
-class FAT(nn.Module):
+class FAT(PyramidClassifier):
     """FAT: conv stem, four stages of FAT blocks (the last block of stages 1-3 halves the resolution and
     widens to the next stage), GroupNorm(1) head."""
 
@@ -211,10 +198,7 @@ class FAT(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.num_classes = num_classes
         self.in_chans = in_chans
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, embed_dims[0], **dd)
         self.feature_info = [dict(num_chs=embed_dims[0], reduction=4, module='stem')]
@@ -233,113 +217,18 @@ class FAT(nn.Module):
                     mlp_kernel_sizes[i], mlp_ratios[i], stride=2 if (j == depths[i] - 1 and not last) else 1,
                     drop_path=dpr[start + j], **dd)
                 for j in range(depths[i])]
-            stages.append(FATStage(blocks))
+            stages.append(Stage(blocks))
             reduction = reduction if last else reduction * 2
             self.feature_info.append(dict(num_chs=out_dim, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = nn.GroupNorm(1, self.num_features, **dd)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Taps in `feature_info` order: 0 = stem (stride 4), 1-4 = stage outputs (8/16/32/32);
-        `norm` applies the head's GroupNorm to the last stage's map."""
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        last_idx = len(self.stages)
-        x = self.stem(x)
-        if 0 in take_indices:
-            intermediates.append(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
-        for i, stage in enumerate(stages, start=1):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == last_idx else x)
-        if intermediates_only:
-            return intermediates
-        if max_index == last_idx:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self.stages = self.stages[:max_index]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        self.init_head(
+            embed_dims[-1], nn.GroupNorm(1, embed_dims[-1], **dd), num_classes, global_pool, drop_rate, **dd)
+        self.apply(self.init_linear)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map the original FAT layout (`patch_embed.convN.conv.{0,1}`, `layers.N`) onto this one."""
-    state_dict = state_dict.get('model', state_dict)
-    state_dict = state_dict.get('state_dict', state_dict)
     if 'stem.proj.weight' in state_dict:
         return state_dict
     out = {}
@@ -353,16 +242,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return out
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.9, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1.conv', 'classifier': 'head',
-        'origin_url': 'https://github.com/qhfan/FAT', 'license': 'mit',
-        **kwargs,
-    }
-
+_cfg = partial(imagenet_cfg, first_conv='stem.conv1.conv', origin_url='https://github.com/qhfan/FAT', license='mit')
 
 default_cfgs = generate_default_cfgs({
     'fat_b0.untrained': _cfg(),

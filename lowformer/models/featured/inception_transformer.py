@@ -25,15 +25,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    DropPath, LayerScale, Mlp, calculate_drop_path_rates, resample_abs_pos_embed_nhwc, to_2tuple, trunc_normal_,
+    DropPath, LayerNorm2d, LayerScale, Mlp, calculate_drop_path_rates, resample_abs_pos_embed_nhwc, to_2tuple, trunc_normal_,
     use_fused_attn,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lowformer.models._registry import register_aliases
+from lowformer.models.featured._pyramid import PyramidClassifier, Stage, imagenet_cfg, map_self_attention
 
 __all__ = ['InceptionTransformer']
 
@@ -115,8 +114,6 @@ class LowMixer(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -127,13 +124,7 @@ class LowMixer(nn.Module):
         B, C, H, W = x.shape
         xa = self.pool(x)
         h, w = xa.shape[2:]
-        xa = xa.flatten(2).transpose(1, 2)
-        q, k, v = self.qkv(xa).reshape(B, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn:
-            xa = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
-        else:
-            attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
-            xa = attn @ v
+        xa = map_self_attention(xa, self.qkv, self.num_heads, self.fused_attn, self.attn_drop)
         # (B, heads, N, d) -> (B, heads * d, h, w): channel = head * d + d_index, as the original
         xa = xa.transpose(2, 3).reshape(B, C, h, w)
         if (h, w) != (H, W):
@@ -216,30 +207,23 @@ class Block(nn.Module):
         return x
 
 
-class InceptionTransformerStage(nn.Module):
+class InceptionTransformerStage(Stage):
     """Downsample (NCHW), add the stage's position table (resized to the map), blocks (channels last)."""
 
-    def __init__(self, downsample: nn.Module, dim: int, grid_size: Tuple[int, int], blocks: List[nn.Module],
-                 device=None, dtype=None):
-        super().__init__()
-        self.downsample = downsample
+    def __init__(self, downsample: Optional[nn.Module], dim: int, grid_size: Tuple[int, int],
+                 blocks: List[nn.Module], device=None, dtype=None):
+        super().__init__(blocks, downsample)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0], grid_size[1], dim, device=device, dtype=dtype))
-        self.blocks = nn.Sequential(*blocks)
-        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x).permute(0, 2, 3, 1)
         x = x + resize_pos_table(self.pos_embed, x.shape[1:3])
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x.permute(0, 3, 1, 2)
+        return self.run_blocks(x).permute(0, 3, 1, 2)
 
 
-class InceptionTransformer(nn.Module):
+class InceptionTransformer(PyramidClassifier):
     """Inception Transformer: conv stem, four stages of inception-mixer blocks with absolute position
-    tables, LayerNorm-per-position head."""
+    tables; the head normalises every position (LayerNorm over channels) before it averages them."""
 
     def __init__(
             self,
@@ -280,7 +264,7 @@ class InceptionTransformer(nn.Module):
                 resize them.
             in_chans: Input image channels.
             num_classes: Classifier classes.
-            global_pool: 'avg' or '' (no pooling, the head then sees the normalised map, NHWC).
+            global_pool: 'avg' or '' (no pooling).
             drop_rate: Dropout before the classifier.
             proj_drop_rate: Dropout after the mixer and MLP projections.
             attn_drop_rate: Dropout on attention weights.
@@ -290,12 +274,7 @@ class InceptionTransformer(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         assert len(attention_heads) == sum(depths), 'attention_heads needs one entry per block'
-        assert global_pool in ('avg', ''), "global_pool must be 'avg' or ''"
-        self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.drop_rate = drop_rate
-        self.grad_checkpointing = False
         img_size = to_2tuple(img_size)
 
         self.stem = Stem(in_chans, embed_dims[0], **dd)
@@ -313,16 +292,14 @@ class InceptionTransformer(nn.Module):
                     proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[start + j],
                     act_layer=act_layer, **dd)
                 for j in range(depth)]
-            downsample = nn.Identity() if i == 0 else Downsample(embed_dims[i - 1], embed_dims[i], **dd)
+            downsample = None if i == 0 else Downsample(embed_dims[i - 1], embed_dims[i], **dd)
             grid = (img_size[0] // reduction, img_size[1] // reduction)
             stages.append(InceptionTransformerStage(downsample, embed_dims[i], grid, blocks, **dd))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = nn.LayerNorm(self.num_features, eps=1e-6, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.init_head(
+            embed_dims[-1], LayerNorm2d(embed_dims[-1], eps=1e-6, **dd), num_classes, global_pool, drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -330,7 +307,8 @@ class InceptionTransformer(nn.Module):
             trunc_normal_(stage.pos_embed, std=.02)
         self.apply(self._init_weights)
 
-    def _init_weights(self, m: nn.Module) -> None:
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
@@ -340,97 +318,10 @@ class InceptionTransformer(nn.Module):
     def no_weight_decay(self) -> set:
         return {f'stages.{i}.pos_embed' for i in range(len(self.stages))}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.(downsample|pos_embed)', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            assert global_pool in ('avg', ''), "global_pool must be 'avg' or ''"
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs as NCHW or NHWC; `norm` applies the head's LayerNorm to the last stage's map."""
-        assert output_fmt in ('NCHW', 'NHWC'), 'Output shape must be NCHW or NHWC.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = x.permute(0, 2, 3, 1)
-                if norm and i == last_idx:
-                    y = self.norm(y)
-                intermediates.append(y if output_fmt == 'NHWC' else y.permute(0, 3, 1, 2))
-        if intermediates_only:
-            return intermediates
-        return self._norm(x), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The head normalises every position (channels last) before it averages them."""
-        return self.norm(x.permute(0, 2, 3, 1))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) image -> normalised last map, channels last (B, H, W, C)."""
-        return self._norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: InceptionTransformer) -> Dict[str, torch.Tensor]:
     """Map the original layout (`patch_embedN`, `pos_embedN`, `blocksN`, `attn.high_mixer.conv1`, ...)
     onto this one; position tables stored for another grid (the `_384` checkpoints) are resized."""
-    state_dict = state_dict.get('model', state_dict)
-    state_dict = state_dict.get('state_dict', state_dict)
     if 'stem.conv1.weight' not in state_dict:
         state_dict = {_remap_key(k): v for k, v in state_dict.items()}
     out = {}
@@ -458,16 +349,7 @@ def _remap_key(k: str) -> str:
     return k
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.9, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head',
-        'origin_url': 'https://github.com/sail-sg/iFormer', 'license': 'apache-2.0',
-        **kwargs,
-    }
-
+_cfg = partial(imagenet_cfg, first_conv='stem.conv1', origin_url='https://github.com/sail-sg/iFormer', license='apache-2.0')
 
 default_cfgs = generate_default_cfgs({
     'inception_transformer_small.untrained': _cfg(),
