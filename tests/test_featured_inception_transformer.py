@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 import lowformer
 from featured_fixture import assert_reproduces_fixture, write_original_checkpoint
-from lowformer.models.featured.inception_transformer import InceptionTransformerStage, LowMixer, resize_pos_table
+from lowformer.models.featured.inception_transformer import (
+    InceptionTransformerStage, LowMixer, checkpoint_filter_fn, resize_pos_table,
+)
 
 
 @pytest.mark.parametrize("name,variant", [("iformers", "inception_transformer_small"),
@@ -46,6 +48,20 @@ def test_stage_adds_its_table_resized_to_the_map():
         out = stage(torch.zeros(1, 1, 4, 4))
     a = torch.tensor([0., 0.25, 0.75, 1.])
     torch.testing.assert_close(out, (2 * a[:, None] + a[None, :]).reshape(1, 1, 4, 4))
+
+
+def test_checkpoint_for_another_grid_gets_its_tables_resized():
+    # a 224 checkpoint into the _384 model: the original's table names, resized by the same rule
+    with torch.device("meta"):
+        model = lowformer.create_model("inception_transformer_small_384")
+    tables = {f"pos_embed{i + 1}": torch.randn(1, 56 // 2 ** i, 56 // 2 ** i, c)
+              for i, c in enumerate((96, 192, 320, 384))}
+    out = checkpoint_filter_fn(dict(tables), model)
+    for i in range(4):
+        side = 96 // 2 ** i
+        assert out[f"stages.{i}.pos_embed"].shape[1:3] == (side, side)
+        expected = resize_pos_table(tables[f"pos_embed{i + 1}"], (side, side))
+        torch.testing.assert_close(out[f"stages.{i}.pos_embed"], expected)
 
 
 def test_low_mixer_on_a_non_square_map():

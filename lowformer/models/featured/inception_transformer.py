@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (
-    DropPath, LayerNorm2d, LayerScale, Mlp, calculate_drop_path_rates, resample_abs_pos_embed_nhwc, to_2tuple, trunc_normal_,
-    use_fused_attn,
+    DropPath, LayerNorm2d, LayerScale, Mlp, calculate_drop_path_rates, resample_abs_pos_embed_nhwc, to_2tuple,
+    trunc_normal_, use_fused_attn,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -349,7 +349,8 @@ def _remap_key(k: str) -> str:
     return k
 
 
-_cfg = partial(imagenet_cfg, first_conv='stem.conv1', origin_url='https://github.com/sail-sg/iFormer', license='apache-2.0')
+_cfg = partial(
+    imagenet_cfg, first_conv='stem.conv1', origin_url='https://github.com/sail-sg/iFormer', license='apache-2.0')
 
 default_cfgs = generate_default_cfgs({
     'inception_transformer_small.untrained': _cfg(),
