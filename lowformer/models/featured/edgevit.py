@@ -169,15 +169,29 @@ class GlobalAgg(nn.Module):
 class LGLBlock(nn.Module):
     """Local-global-local block; the local aggregation only exists where attention is sparse (r > 1)."""
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, drop_path: float = 0., **kwargs: Any):
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            sr_ratio: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            device=None,
+            dtype=None,
+    ):
         super().__init__()
-        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        dd = {'device': device, 'dtype': dtype}
         if sr_ratio > 1:
-            self.local_agg = LocalAgg(
-                dim, kwargs['mlp_ratio'], kwargs['proj_drop'], drop_path, kwargs['act_layer'], **dd)
+            self.local_agg = LocalAgg(dim, mlp_ratio, proj_drop, drop_path, act_layer, **dd)
         else:
             self.local_agg = nn.Identity()
-        self.global_agg = GlobalAgg(dim, num_heads, sr_ratio=sr_ratio, drop_path=drop_path, **kwargs)
+        self.global_agg = GlobalAgg(
+            dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
+            drop_path=drop_path, sr_ratio=sr_ratio, act_layer=act_layer, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.global_agg(self.local_agg(x))
