@@ -324,12 +324,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: InceptionTr
     onto this one; position tables stored for another grid (the `_384` checkpoints) are resized."""
     if 'stem.conv1.weight' not in state_dict:
         state_dict = {_remap_key(k): v for k, v in state_dict.items()}
+    own = dict(model.named_parameters())
     out = {}
     for k, v in state_dict.items():
-        if k.endswith('.pos_embed'):
-            stage = model.stages[int(k.split('.')[1])] if k.split('.')[1].isdigit() else None
-            if stage is not None and v.shape != stage.pos_embed.shape:
-                v = resize_pos_table(v, stage.pos_embed.shape[1:3])
+        if k.endswith('.pos_embed') and k in own and v.shape != own[k].shape:
+            v = resize_pos_table(v, own[k].shape[1:3])
         out[k] = v
     return out
 
