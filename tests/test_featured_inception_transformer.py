@@ -120,3 +120,13 @@ def test_aliases_resolve_and_timm_iformer_is_untouched():
     # timm's iformer_s is the other (ICLR 2025) network and stays timm's
     assert lowformer.models.resolve_model_name("iformer_s") == "iformer_s"
     assert "iformer_s" not in lowformer.list_models()
+
+
+@pytest.mark.parametrize("name", ["inception_transformer_small", "edgevit_xxs", "fat_b0"])
+def test_traces_with_torch_fx(name):
+    # deploy passes and fx feature extraction trace the graph; size-dependent parts are timm leaves
+    from timm.layers import get_graph_node_names
+    with torch.device("meta"):
+        model = lowformer.create_model(name)
+    _, eval_nodes = get_graph_node_names(model)
+    assert eval_nodes[-1] == "head"

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (
-    DropPath, LayerNorm2d, LayerScale, Mlp, calculate_drop_path_rates, resample_abs_pos_embed_nhwc, to_2tuple,
-    trunc_normal_, use_fused_attn,
+    DropPath, LayerNorm2d, LayerScale, Mlp, calculate_drop_path_rates, register_notrace_function,
+    register_notrace_module, resample_abs_pos_embed_nhwc, to_2tuple, trunc_normal_, use_fused_attn,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
@@ -37,6 +37,7 @@ from lowformer.models.featured._pyramid import PyramidClassifier, Stage, imagene
 __all__ = ['InceptionTransformer']
 
 
+@register_notrace_function  # shape-dependent: torch.fx keeps it as one call
 def resize_pos_table(table: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     """A (1, H, W, C) position table at another grid size: bilinear, align_corners False, no antialias
     (the original's resize), returned unchanged when the size already matches."""
@@ -96,6 +97,7 @@ class HighMixer(nn.Module):
         return torch.cat((cx, px), dim=1)
 
 
+@register_notrace_module  # its upsampling depends on the map size
 class LowMixer(nn.Module):
     """Low-frequency path: multi-head self-attention, on a 2x2 average-pooled map in stages 1-2, then
     nearest upsampling back to the map size."""
