@@ -10,6 +10,7 @@ from lowformer.models.lowformer import (
     LOWFORMER_MODELS, get_lowformer_b0, get_lowformer_b1, get_lowformer_b3, get_lowformer_b15,
     get_lowformer_E1, get_lowformer_E2, get_lowformer_E3,
 )
+from lowformer.models import featured
 
 __all__ = [
     "UnknownModelError", "create_model", "list_models", "register_aliases", "register_feature_cls",

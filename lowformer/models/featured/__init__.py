@@ -1,5 +1,7 @@
-"""Featured comparison backbones that timm lacks, re-implemented exactly (see each module's docstring).
-Importing this package registers them with timm and their original short names as aliases."""
-from lowformer.models.featured import efficientmod, ffnet, mobilevig
+"""Featured comparison backbones that timm lacks (the original benchmark's `--other` zoo), re-implemented
+exactly (see each module's docstring).
 
-__all__ = ["efficientmod", "ffnet", "mobilevig"]
+Importing a module registers its factories with timm and its original short names as aliases."""
+from lowformer.models.featured import edgevit, efficientmod, fat, ffnet, inception_transformer, mobilevig
+
+__all__ = ["edgevit", "efficientmod", "fat", "ffnet", "inception_transformer", "mobilevig"]
