@@ -10,7 +10,7 @@ import torch
 
 import lowformer
 from equivalence import assert_close_rule, case_input, fixture, original_state_dict, pooled
-from lowformer.models.visformer_v2 import WindowAttention
+from lowformer.models.visformer_v2 import Block, WindowAttention
 
 # fixture -> (model name, qk_scale passed to create_model; None: V1, which has no such argument)
 FIXTURES = {
@@ -154,6 +154,37 @@ def test_drop_path_and_reset_classifier():
     assert out.shape == (2, 7)
 
 
+def test_shifted_window_block_equals_masked_global_attention():
+    """Window partition, cyclic shift and the -100 mask, against attention over the whole (rolled) map in
+    which a position only sees its own window, at -100 for another region of the shift."""
+    torch.manual_seed(0)
+    dim, heads, size, window, shift = 8, 2, 8, 4, 2
+    block = Block(dim, (size, size), heads, window, shift_size=shift).eval()
+    attn = block.attn
+    x = torch.randn(1, dim, size, size)
+    rolled = torch.roll(x, (-shift, -shift), dims=(2, 3))
+    d, n = dim // heads, size * size
+    qkv = torch.einsum("oc,cn->on", attn.qkv.weight.flatten(1), rolled[0].flatten(1)).view(3, heads, d, n)
+    rows, cols = torch.arange(n) // size, torch.arange(n) % size
+
+    def band(v):  # which strip of the rolled map a coordinate falls in (unshifted, wrapped-around ...)
+        return (v >= size - window).long() + (v >= size - shift).long()
+
+    same_window = ((rows // window)[:, None] == (rows // window)) & ((cols // window)[:, None] == (cols // window))
+    region = band(rows) * 3 + band(cols)
+    rel = ((rows % window)[:, None] - rows % window + window - 1) * (2 * window - 1) + (
+        (cols % window)[:, None] - cols % window + window - 1)
+    logits = torch.einsum("hci,hcj->hij", qkv[0], qkv[1]) * d ** (2 * attn.qk_scale)
+    logits = logits + attn.relative_position_bias_table[rel.clamp(0, (2 * window - 1) ** 2 - 1)].permute(2, 0, 1)
+    logits = logits + (region[:, None] != region) * -100.0
+    logits = logits.masked_fill(~same_window, float("-inf"))
+    mixed = torch.einsum("hij,hcj->hci", logits.softmax(-1), qkv[2]).reshape(dim, n)
+    out = torch.einsum("oc,cn->on", attn.proj.weight.flatten(1), mixed).view(1, dim, size, size)
+    expected = torch.roll(out, (shift, shift), dims=(2, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(block._attention(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_larger_input_uses_shifted_windows_and_resampled_pos_embed(tmp_path):
     """At 448 the attention stages split into 14x14 / 7x7 windows, odd blocks (by index in the whole
     network) shifted; a 224 checkpoint loads with its position embeddings resampled."""
@@ -171,3 +202,12 @@ def test_larger_input_uses_shifted_windows_and_resampled_pos_embed(tmp_path):
         assert meta(torch.empty(1, 3, 448, 448)).shape == (1, 1000)
     with pytest.raises(ValueError, match="img_size=224"):
         model(torch.zeros(1, 3, 224, 224))
+
+
+@pytest.mark.parametrize("name, gmacs", [("visformer_tiny", 1.3), ("visformer_small", 4.9),
+                                         ("visformer_tiny_v2", 1.3), ("visformer_small_v2", 4.3)])
+def test_macs_match_paper(name, gmacs):
+    """The paper's / README's "FLOPs" (multiply-accumulates) at 224, to their one decimal."""
+    from lowformer.bench import model_complexity
+    info = model_complexity(name)
+    assert info["image_size"] == 224 and round(info["macs"] / 1e9, 1) == gmacs
