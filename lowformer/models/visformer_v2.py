@@ -298,10 +298,6 @@ class VisformerV2(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {f'pos_embed{i}' for i in range(4)} | {'relative_position_bias_table'}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(
             stem=r'^stem|patch_embed0|pos_embed0',
