@@ -20,13 +20,14 @@ from lowformer.errors import LowformerError
 
 __all__ = [
     "UnknownModelError", "create_model", "list_models", "resolve_model_name",
-    "register_project_models", "register_aliases", "register_feature_cls",
+    "register_project_models", "register_aliases", "register_feature_cls", "register_pretrained_cfg_overlay",
 ]
 
 _PROJECT_TIMM_MODELS: set[str] = set()
 _ALIASES: dict[str, str] = {}
 _FEATURE_CLS: dict[str, type] = {}
 _DEFAULT_OUT_INDICES: dict[str, tuple[int, ...]] = {}
+_CFG_OVERLAYS: dict[str, dict[str, Any]] = {}
 
 
 class UnknownModelError(LowformerError, KeyError):
@@ -51,6 +52,14 @@ def register_feature_cls(names: list[str], feature_cls: type, out_indices: tuple
     for name in names:
         _FEATURE_CLS[name] = feature_cls
         _DEFAULT_OUT_INDICES[name] = out_indices
+
+
+def register_pretrained_cfg_overlay(names: list[str], **values: Any) -> None:
+    """Evaluation defaults (``crop_pct``, ...) that ``create_model`` puts into these timm models'
+    ``pretrained_cfg`` where the original differs from timm (Visformer V1's 0.875 crop); timm's own
+    registry entries stay unchanged."""
+    for name in names:
+        _CFG_OVERLAYS.setdefault(name, {}).update(values)
 
 
 def _is_project_model(name: str) -> bool:
@@ -98,6 +107,9 @@ def create_model(
     """
     name = resolve_model_name(name)
     weights = checkpoint_path if checkpoint_path is not None else (find_pretrained_file(name) if pretrained else None)
+    overlay = {**_CFG_OVERLAYS.get(name, {}), **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+    if overlay:
+        kwargs["pretrained_cfg_overlay"] = overlay
     if kwargs.get("features_only"):
         if name in _FEATURE_CLS:
             kwargs.setdefault("feature_cls", _FEATURE_CLS[name])
@@ -108,8 +120,8 @@ def create_model(
         feature_args = {k: kwargs.pop(k) for k in ("features_only", "out_indices", "feature_cls")
                         if k in kwargs}
         full = load_checkpoint(timm.create_model(name, pretrained=False, **kwargs), weights)
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=full.state_dict()),
-                                 **kwargs, **feature_args)
+        overlay = dict(kwargs.pop("pretrained_cfg_overlay", {}), state_dict=full.state_dict())
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs, **feature_args)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if weights is not None:
         load_checkpoint(model, weights)
