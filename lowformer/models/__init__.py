@@ -4,6 +4,7 @@ from lowformer.models._registry import (
     UnknownModelError, create_model, list_models, register_aliases, register_feature_cls,
     register_project_models, resolve_model_name,
 )
+from lowformer.models import dwnet  # noqa: F401  (registers the DWNet family)
 from lowformer.models.lowformer import (
     LOWFORMER_MODELS, get_lowformer_b0, get_lowformer_b1, get_lowformer_b3, get_lowformer_b15,
     get_lowformer_E1, get_lowformer_E2, get_lowformer_E3,
