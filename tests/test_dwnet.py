@@ -16,7 +16,6 @@ from equivalence import assert_close_rule, case_input, fixture, original_state_d
 from lowformer.models.dwnet import DWNET_MODELS, DynamicDWConv2d, InhomogeneousDWConv2d, checkpoint_filter_fn
 
 TINY = ["dwnet_tiny", "dynamic_dwnet_tiny", "i_dynamic_dwnet_tiny"]
-BASE = ["dwnet_base", "dynamic_dwnet_base", "i_dynamic_dwnet_base"]
 PARAMS_M = {"dwnet_tiny": 24.2, "dwnet_base": 74.3, "dynamic_dwnet_tiny": 51.1, "dynamic_dwnet_base": 161.6,
             "i_dynamic_dwnet_tiny": 26.2, "i_dynamic_dwnet_base": 80.3}
 FEATURE_NAMES = ["patch_embed", "stage0", "stage1", "stage2", "stage3", "stage_final"]
@@ -281,3 +280,12 @@ def test_checkpoint_filter_keeps_native_keys_and_lists_models(loaded):
     assert lowformer.list_models("*dwnet*") == sorted(DWNET_MODELS)
     native = model.state_dict()
     assert checkpoint_filter_fn(native, model) is native
+
+
+@pytest.mark.parametrize("loaded", ["dynamic_dwnet_tiny"], indirect=True)
+def test_dynamic_file_does_not_load_into_static_model(loaded):
+    """Where the original's loader (strict=False) silently keeps random 7x7 weights, loading fails loudly."""
+    _, path, _ = loaded
+    with pytest.raises(lowformer.CheckpointError) as e:
+        lowformer.create_model("dwnet_tiny", checkpoint_path=path)
+    assert "missing keys" in str(e.value) and "unexpected keys" in str(e.value)

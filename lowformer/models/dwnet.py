@@ -275,7 +275,6 @@ class DWNet(nn.Module):
             raise ValueError(f"group_channels needs one entry per stage ({num_stages}), got {group_channels}")
         self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(
             img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -326,7 +325,6 @@ class DWNet(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
@@ -397,12 +395,7 @@ class DWNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.norm(x)
+        return self.norm(self.stages(self.patch_embed(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
