@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 import lowformer
@@ -289,3 +290,13 @@ def test_dynamic_file_does_not_load_into_static_model(loaded):
     with pytest.raises(lowformer.CheckpointError) as e:
         lowformer.create_model("dwnet_tiny", checkpoint_path=path)
     assert "missing keys" in str(e.value) and "unexpected keys" in str(e.value)
+
+
+@pytest.mark.parametrize("loaded", ["dynamic_dwnet_tiny", "i_dynamic_dwnet_tiny"], indirect=True)
+def test_fx_traced_graph_matches_eager(loaded):
+    """The dynamic operators trace with torch.fx (as deploy passes do) and the graph still follows the input size."""
+    _, _, model = loaded
+    graph = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 96, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x))

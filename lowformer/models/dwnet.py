@@ -462,15 +462,9 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-# The four ImageNet-1k files of the original release load with checkpoint_path=; nothing is downloaded.
-default_cfgs = generate_default_cfgs({
-    "dwnet_tiny.in1k": _cfg(),
-    "dwnet_base.in1k": _cfg(),
-    "dynamic_dwnet_tiny.in1k": _cfg(),
-    "dynamic_dwnet_base.in1k": _cfg(),
-    "i_dynamic_dwnet_tiny.untrained": _cfg(),
-    "i_dynamic_dwnet_base.untrained": _cfg(),
-})
+# No weights are bundled or downloaded; the original release files (dwnet_tiny_224.pth, ...) load as they are
+# through create_model(..., checkpoint_path=...).
+default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in DWNET_MODELS})
 
 
 def _create_dwnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DWNet:
