@@ -9,7 +9,7 @@ from lowformer.models.lowformer import (
     get_lowformer_E1, get_lowformer_E2, get_lowformer_E3,
 )
 from lowformer.models.visformer import VISFORMER_MODELS
-from lowformer.models import edgeformer, featured  # noqa: F401  (importing registers the families)
+from lowformer.models import dwnet, edgeformer, featured  # noqa: F401  (importing registers the families)
 
 __all__ = [
     "UnknownModelError", "create_model", "list_models", "register_aliases", "register_feature_cls",
