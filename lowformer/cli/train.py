@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from lowformer.train import AMP_MODES, load_config, train
 
@@ -34,5 +35,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, args.path, resume=args.resume, seed=args.manual_seed, amp="fp16" if args.fp16 else args.amp,
                     device=args.device, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress)
-    logging.getLogger(__name__).info("summary: %s", json.dumps(summary))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        logging.getLogger(__name__).info("summary: %s", json.dumps(summary))
     return 0
