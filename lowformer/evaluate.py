@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader
 
 from lowformer.data import ImageFolderDataset, build_eval_loader, eval_transform, read_class_map
 from lowformer.errors import LowformerError
-from lowformer.train.distributed import DistContext, all_reduce_sum
+
+if TYPE_CHECKING:
+    from lowformer.train.distributed import DistContext
 
 __all__ = ["evaluate", "reestimate_bn", "imagenet_eval"]
 
@@ -56,6 +58,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, ctx: Di
         bar.set_postfix(top1=f"{100 * correct1 / images:.2f}", top5=f"{100 * correct5 / images:.2f}",
                         res=x.shape[-1])
     if ctx is not None:
+        from lowformer.train.distributed import all_reduce_sum
         correct1, correct5, loss_sum, images, skipped = all_reduce_sum(ctx, [correct1, correct5, loss_sum, images, skipped])
     n = max(images, 1)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n,
