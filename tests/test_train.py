@@ -194,3 +194,29 @@ def test_two_process_torchrun_equals_one_process_on_the_union_batch(tmp_path):
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)
         moved += int(g1.abs().max() > 0)
     assert moved > len(init) // 2
+
+
+def test_weight_decay_rule_sees_the_original_names_of_lowformer():
+    """The spec: in B1, 30 one-dimensional tensors are decayed (20 GroupNorm pre-norms, 10 attention BNs)."""
+    import lowformer
+    with torch.device("meta"):
+        model = lowformer.create_model("lowformer_b1")
+    decay, _ = no_weight_decay_groups(model, 0.1, ["norm", "bias"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_1d = sorted(names[id(p)] for p in decay["params"] if p.ndim == 1)
+    assert len(decayed_1d) == 30
+    assert "stages.2.1.attn.main.1.conv_proj.norm.weight" in decayed_1d and "pre_classifier.1.weight" not in decayed_1d
+
+
+@pytest.mark.parametrize("variant", ["lowformer_b0", "lowformer_b3", "lowformer_e1", "lowformer_e3"])
+def test_evalmodel_files_use_the_original_key_layout(variant):
+    import lowformer
+    from lowformer.checkpoints import _checkpoint_filter, to_original_layout
+    from equivalence import FIXTURES
+    from refweights import read_manifest
+    with torch.device("meta"):
+        model = lowformer.create_model(variant)
+    native = model.state_dict()
+    original = to_original_layout(native, model)
+    assert set(original) == {k for k, _, _ in read_manifest(FIXTURES / variant / "keys.tsv")}
+    assert list(_checkpoint_filter(model)(original, model)) == list(native)  # loads back through the filter

@@ -9,8 +9,8 @@ subset of training images and it is validated; then a checkpoint is written atom
 
 Run directory: ``config.yaml``, ``model_arch.txt``, ``metrics.csv``, ``summary.json`` and
 ``checkpoint/`` with ``checkpoint.pt`` (full state, every epoch), ``model_best.pt`` (full state of the
-best epoch), ``evalmodel.pt`` (EMA weights of the best epoch, a bare state dict as the original
-publishes), ``evalmodel_final.pt`` (EMA weights at the end) and ``latest.txt``.
+best epoch), ``evalmodel.pt`` (EMA weights of the best epoch, a bare state dict in the original key
+layout, as the original publishes them), ``evalmodel_final.pt`` (the same at the end) and ``latest.txt``.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from lowformer.checkpoints import to_original_layout
 from lowformer.data.datasets import ImageFolderDataset, build_eval_loader, build_train_loader
 from lowformer.data.transforms import train_transform, val_transform
 from lowformer.errors import LowformerError
@@ -327,8 +328,12 @@ class _Trainer:
         _save_atomic(state, self.ckpt_dir / "checkpoint.pt")
         if is_best:
             _save_atomic(state, self.ckpt_dir / "model_best.pt")
-            _save_atomic(self.ema.module.state_dict(), self.ckpt_dir / "evalmodel.pt")
+            _save_atomic(self._eval_weights(), self.ckpt_dir / "evalmodel.pt")
         _write_text_atomic("checkpoint.pt\n", self.ckpt_dir / "latest.txt")
+
+    def _eval_weights(self) -> dict[str, torch.Tensor]:
+        """EMA weights as the original publishes them: a bare state dict in the original key layout."""
+        return to_original_layout(self.ema.module.state_dict(), self.model)
 
     def _gather_rng(self) -> list[dict]:
         state = _rng_state()
@@ -398,7 +403,7 @@ class _Trainer:
         }
         if self.ctx.is_main:
             if finished:
-                _save_atomic(self.ema.module.state_dict(), self.ckpt_dir / "evalmodel_final.pt")
+                _save_atomic(self._eval_weights(), self.ckpt_dir / "evalmodel_final.pt")
             _write_text_atomic(json.dumps(summary, indent=1) + "\n", self.run_dir / "summary.json")
         return summary
 

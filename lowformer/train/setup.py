@@ -19,6 +19,7 @@ from timm.layers import DropPath
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
+from lowformer.checkpoints import to_original_layout
 from lowformer.models import create_model
 from lowformer.train.config import ConfigError, TrainConfig, warmup_and_total_steps
 
@@ -66,11 +67,16 @@ class DropPathSchedule:
 
 
 def no_weight_decay_groups(model: nn.Module, weight_decay: float, no_wd_keys: Iterable[str]) -> list[dict]:
-    """Two parameter groups: no decay for every parameter whose name contains one of ``no_wd_keys``
-    (so GroupNorm weights named ``...main.0.weight`` ARE decayed, as in the original)."""
+    """Two parameter groups: no decay for every parameter whose name contains one of ``no_wd_keys``.
+
+    Names are the original repository's where the family registered its layout (LowFormer), so the rule
+    decays exactly what the original decays: the GroupNorm pre-norms (``...main.0.weight``) and the
+    attention BNs (``...conv_proj.1.weight``) but not the head LayerNorm (``head.op_list.2.norm``)."""
     keys = tuple(no_wd_keys)
+    params = dict(model.named_parameters())
+    names = list(to_original_layout(params, model))
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in zip(names, params.values()):
         if p.requires_grad:
             (no_decay if any(k in name for k in keys) else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
