@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -176,8 +177,15 @@ def test_two_process_torchrun_equals_one_process_on_the_union_batch(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lowformer",
            "train", "configs/cls/imagenet/b1.yaml", "--path", str(tmp_path / "ddp"), "--no-progress", *flat]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).parents[1], start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert ddp["world_size"] == 2 and ddp["rank_param_max_diff"] == 0.0 and ddp["peak_lr"] == pytest.approx(0.2)
 

@@ -43,11 +43,9 @@ def init_distributed(device: str | None = None) -> DistContext:
     from timm.utils.distributed import init_distributed_device_so
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = init_distributed_device_so(device=device)
-    dev = torch.device(info["device"])
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    # timm has made cuda:LOCAL_RANK the current device under torchrun.
     return DistContext(rank=info["global_rank"], world_size=info["world_size"], local_rank=info["local_rank"],
-                       device=dev)
+                       device=torch.device(info["device"]))
 
 
 def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
