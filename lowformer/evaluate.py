@@ -22,12 +22,13 @@ from lowformer.errors import LowformerError
 if TYPE_CHECKING:
     from lowformer.train.distributed import DistContext
 
-__all__ = ["evaluate", "reestimate_bn", "imagenet_eval"]
+__all__ = ["evaluate", "reestimate_bn", "imagenet_eval", "autocast_context"]
 
 _logger = logging.getLogger(__name__)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in ``dtype`` on ``device``, or nothing (fp32) when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -47,7 +48,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, ctx: Di
         if len(y) == 0:
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
+        with autocast_context(device, amp_dtype):
             out = model(x)
         out = out.float()
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
@@ -85,7 +86,7 @@ def reestimate_bn(model: nn.Module, loader: DataLoader, device: torch.device, ct
     batches = 0
     for x, _, _ in loader:
         if len(x) > 1:
-            with _autocast(device, amp_dtype):
+            with autocast_context(device, amp_dtype):
                 model(x.to(device, non_blocking=True))
             batches += 1
     for bn, momentum in zip(bns, momenta):

@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from timm.utils import random_seed
 
 from lowformer.checkpoints import to_original_layout
 from lowformer.data.datasets import ImageFolderDataset, build_eval_loader, build_train_loader
 from lowformer.data.transforms import train_transform, val_transform
 from lowformer.errors import LowformerError
-from lowformer.evaluate import evaluate, reestimate_bn
+from lowformer.evaluate import autocast_context, evaluate, reestimate_bn
 from lowformer.train.config import (
     TrainConfig, config_to_dict, global_batch_size, peak_lr, total_epochs, warmup_and_total_steps,
 )
@@ -85,11 +86,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _seed(seed: int) -> None:
-    from timm.utils import random_seed
-    random_seed(seed)
-
-
 def _amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
     """Autocast dtype and loss scaler of an AMP mode; fp16 needs CUDA, bf16 a device that supports it."""
     if mode not in AMP_MODES:
@@ -128,7 +124,7 @@ class _Trainer:
         # Same initial weights on every rank and for any world size; then per-rank randomness.
         torch.manual_seed(seed)
         self.model = build_model(cfg, self.num_classes).to(self.device)
-        _seed(seed + ctx.rank)
+        random_seed(seed + ctx.rank)
         self.drop_path = DropPathSchedule(self.model, cfg.backbone_drop.drop_prob, cfg.backbone_drop.linear_decay,
                                           cfg.backbone_drop.skip)
         self.ema = LowformerEma(self.model, decay=cfg.ema_decay)
@@ -267,9 +263,7 @@ class _Trainer:
                 "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_context(self.device, self.amp_dtype)
 
     def _check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
         bad = (~torch.isfinite(loss.detach())).float()
@@ -288,14 +282,14 @@ class _Trainer:
                                f"training stopped, {kept}")
 
     # --- evaluation ------------------------------------------------------------------------------------
-    def validate(self, epoch: int) -> dict[str, float] | None:
+    def validate(self) -> dict[str, float] | None:
         if self.val_set is None:
             return None
         rc, dp = self.cfg.run_config, self.cfg.data_provider
         results = []
         for size in rc.eval_image_size:
             if rc.reset_bn:
-                self._reset_bn(size, epoch)
+                self._reset_bn(size)
             self.val_set.transform = val_transform(dp, size)
             loader = build_eval_loader(self.val_set, dp.test_batch_size or 2 * dp.base_batch_size, rank=self.ctx.rank,
                                        world_size=self.ctx.world_size, workers=dp.n_worker, device=self.device)
@@ -303,7 +297,7 @@ class _Trainer:
                                     progress=self.progress, desc=f"val {size}px"))
         return {key: sum(r[key] for r in results) / len(results) for key in ("top1", "top5", "loss")}
 
-    def _reset_bn(self, size: int, epoch: int) -> None:
+    def _reset_bn(self, size: int) -> None:
         """BN statistics of the EMA model from a seeded subset of training images at ``size``."""
         rc, dp = self.cfg.run_config, self.cfg.data_provider
         g = torch.Generator().manual_seed(self.seed)
@@ -363,7 +357,7 @@ class _Trainer:
             if self.stop_after is not None and ran >= self.stop_after:
                 break
             t = self.train_epoch(epoch)
-            val = self.validate(epoch)
+            val = self.validate()
             diff = broadcast_max_diff(self.ctx, self.model)
             self.stats["train_images"] += t["images"]
             self.stats["train_s"] += t["seconds"]
