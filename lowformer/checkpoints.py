@@ -26,7 +26,8 @@ from lowformer.errors import LowformerError
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "extract_state_dict", "load_checkpoint",
-    "register_checkpoint_filter", "weights_dir", "find_pretrained_file",
+    "register_checkpoint_filter", "weights_dir", "find_pretrained_file", "register_original_layout",
+    "to_original_layout",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -36,6 +37,7 @@ FilterFn = Callable[[StateDict, nn.Module], StateDict]
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
 _CHECKPOINT_FILTERS: dict[str, FilterFn] = {}
+_ORIGINAL_LAYOUTS: dict[str, FilterFn] = {}
 
 
 class CheckpointError(LowformerError, ValueError):
@@ -61,6 +63,20 @@ def register_checkpoint_filter(model_names: str | list[str], fn: FilterFn) -> No
     (Visformer v1)."""
     for name in [model_names] if isinstance(model_names, str) else model_names:
         _CHECKPOINT_FILTERS[name] = fn
+
+
+def register_original_layout(model_names: list[str], fn: FilterFn) -> None:
+    """``fn(state_dict, model)`` renames native keys to the original repository's layout (the inverse of
+    the family's ``checkpoint_filter_fn``), for files meant for the original code."""
+    for name in model_names:
+        _ORIGINAL_LAYOUTS[name] = fn
+
+
+def to_original_layout(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """``state_dict`` under the original repository's keys where the model's family registered them,
+    else unchanged. ``load_checkpoint`` reads either layout."""
+    fn = _ORIGINAL_LAYOUTS.get(getattr(model, "pretrained_cfg", {}).get("architecture"))
+    return fn(state_dict, model) if fn is not None else state_dict
 
 
 def _checkpoint_filter(model: nn.Module) -> FilterFn | None:

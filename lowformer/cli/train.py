@@ -1,0 +1,40 @@
+"""``lowformer train CONFIG [--a.b value ...] --path RUN_DIR [--resume]``; also under torchrun:
+``torchrun --nproc_per_node=N -m lowformer train ...`` (nccl on GPUs, gloo on the CPU)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from lowformer.train import AMP_MODES, load_config, train
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a recipe (configs/cls/imagenet/*.yaml), resumable, one process or torchrun",
+        allow_abbrev=False,
+        description="Train with a YAML recipe. Unknown '--a.b value' arguments override config keys, e.g. "
+                    "--data_provider.data_dir /data/imagenet --run_config.n_epochs 5 "
+                    "--data_provider.image_size \"[128,160,192,224]\".")
+    p.add_argument("config", help="recipe file, e.g. configs/cls/imagenet/b1.yaml (the shipped ones work from anywhere)")
+    p.add_argument("--path", required=True, help="run directory (checkpoints, metrics.csv, summary.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --path from its last checkpoint")
+    p.add_argument("--manual_seed", type=int, default=0, help="seed: initial weights, data order (default 0)")
+    p.add_argument("--amp", choices=AMP_MODES, default="none",
+                   help="mixed precision: bf16, or fp16 with a loss scaler on CUDA (default: fp32 as the original)")
+    p.add_argument("--fp16", action="store_true", help="the original's flag: same as --amp fp16")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="stop resumably after this many epochs (e.g. a job time limit); the schedule is unchanged")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, args.path, resume=args.resume, seed=args.manual_seed, amp="fp16" if args.fp16 else args.amp,
+                    device=args.device, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        logging.getLogger(__name__).info("summary: %s", json.dumps(summary))
+    return 0

@@ -1,0 +1,149 @@
+"""The recipe's parts, built from timm's components and hooked where LowFormer's recipe differs.
+
+* optimizer: ``create_optimizer_v2`` with a ``param_group_fn`` exempting parameters whose *name contains*
+  a ``no_wd_keys`` entry from weight decay (the original's substring rule);
+* schedule: timm's cosine scheduler stepped per micro-batch, with the original's warm-up
+  ``warmup_lr + (peak - warmup_lr) (t + 1) / W``;
+* EMA: ``ModelEmaV3`` with the original's warm-up ``decay x (1 - exp(-step / 2000))``;
+* stochastic depth: timm's ``DropPath`` modules, their rates set by the trainer from the progress.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+from lowformer.checkpoints import to_original_layout
+from lowformer.models import create_model
+from lowformer.train.config import ConfigError, TrainConfig, warmup_and_total_steps
+
+__all__ = [
+    "build_model", "DropPathSchedule", "no_weight_decay_groups", "build_optimizer", "LowformerCosineScheduler",
+    "build_scheduler", "LowformerEma", "build_criterion", "build_mixup",
+]
+
+_logger = logging.getLogger(__name__)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The network of ``net_config`` (any project or timm model), with DropPath modules when the recipe
+    uses stochastic depth (their rates are then driven by :class:`DropPathSchedule`)."""
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, **cfg.net_config.kwargs)
+    if cfg.net_config.dropout:
+        kwargs["drop_rate"] = cfg.net_config.dropout
+    if cfg.backbone_drop.drop_prob > 0:
+        kwargs["drop_path_rate"] = cfg.backbone_drop.drop_prob
+    try:
+        return create_model(cfg.net_config.name, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"net_config: {cfg.net_config.name} does not accept these arguments ({e})") from None
+
+
+class DropPathSchedule:
+    """Stochastic depth as the original schedules it: block i of the N after the first ``skip`` gets
+    ``drop_prob x (i + 1) / N`` (``linear_decay``, else ``drop_prob``), scaled by the training progress
+    (0 during warm-up, 1 at the last step)."""
+
+    def __init__(self, model: nn.Module, drop_prob: float, linear_decay: bool = True, skip: int = 0) -> None:
+        self.modules = [m for m in model.modules() if isinstance(m, DropPath)]
+        if drop_prob > 0 and not self.modules:
+            _logger.warning("backbone_drop.drop_prob=%g but the model has no DropPath modules: no stochastic depth",
+                            drop_prob)
+        n = max(0, len(self.modules) - skip)
+        self.max_probs = [0.0] * min(skip, len(self.modules)) + [
+            drop_prob * (i + 1) / n if linear_decay else drop_prob for i in range(n)]
+        self.set_progress(0.0)
+
+    def set_progress(self, progress: float) -> None:
+        scale = min(max(progress, 0.0), 1.0)
+        for module, p in zip(self.modules, self.max_probs):
+            module.drop_prob = p * scale
+
+
+def no_weight_decay_groups(model: nn.Module, weight_decay: float, no_wd_keys: Iterable[str]) -> list[dict]:
+    """Two parameter groups: no decay for every parameter whose name contains one of ``no_wd_keys``.
+
+    Names are the original repository's where the family registered its layout (LowFormer), so the rule
+    decays exactly what the original decays: the GroupNorm pre-norms (``...main.0.weight``) and the
+    attention BNs (``...conv_proj.1.weight``) but not the head LayerNorm (``head.op_list.2.norm``)."""
+    keys = tuple(no_wd_keys)
+    params = dict(model.named_parameters())
+    names = list(to_original_layout(params, model))
+    decay, no_decay = [], []
+    for name, p in zip(names, params.values()):
+        if p.requires_grad:
+            (no_decay if any(k in name for k in keys) else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+    rc = cfg.run_config
+    params = dict(rc.optimizer_params)
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    try:
+        return create_optimizer_v2(
+            model, opt=rc.optimizer_name, lr=lr, weight_decay=rc.weight_decay,
+            param_group_fn=lambda m: no_weight_decay_groups(m, rc.weight_decay, rc.no_wd_keys), **params)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"run_config.optimizer_name/optimizer_params: {e}") from None
+
+
+class LowformerCosineScheduler(CosineLRScheduler):
+    """timm's cosine-after-warm-up schedule with the original's warm-up formula (step t reaches the
+    peak at t = W - 1, then ``0.5 peak (1 + cos(pi (t - W) / T))``)."""
+
+    def _get_lr(self, t: int) -> list[float]:
+        if t < self.warmup_t:
+            return [self.warmup_lr_init + (v - self.warmup_lr_init) * (t + 1) / self.warmup_t for v in self.base_values]
+        return super()._get_lr(t)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches_per_epoch: int) -> LowformerCosineScheduler:
+    rc = cfg.run_config
+    if rc.lr_schedule_name != "cosine" or rc.lr_schedule_param:
+        raise ConfigError("run_config.lr_schedule_name: only 'cosine' with empty lr_schedule_param is supported")
+    warmup, total = warmup_and_total_steps(cfg, batches_per_epoch)
+    return LowformerCosineScheduler(optimizer, t_initial=total, lr_min=0.0, warmup_t=warmup,
+                                    warmup_lr_init=rc.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+
+
+class LowformerEma(ModelEmaV3):
+    """EMA of weights and buffers with the original's warm-up: ``decay x (1 - exp(-step / 2000))``."""
+
+    def get_decay(self, step: int | None = None) -> float:
+        if step is None:
+            return self.decay
+        return self.decay * (1.0 - math.exp(-step / 2000.0))
+
+
+def build_criterion(cfg: TrainConfig) -> nn.Module:
+    """BCE (mean over batch x classes) or cross-entropy, both on soft (smoothed / mixed) targets."""
+    from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+    return BinaryCrossEntropy(smoothing=0.0) if cfg.run_config.bce else SoftTargetCrossEntropy()
+
+
+def build_mixup(cfg: TrainConfig, num_classes: int) -> Any:
+    """timm's ``Mixup`` for the op list ``[[mixup, alpha, w], [cutmix, alpha, w]]``: one op per batch,
+    chosen in proportion to the weights, labels smoothed by ``label_smooth``; None without mixing."""
+    from timm.data import Mixup
+    mc = cfg.run_config.mixup_config
+    if mc is None or not mc.op:
+        return None
+    alphas, weights = {"mixup": 0.0, "cutmix": 0.0}, {"mixup": 0.0, "cutmix": 0.0}
+    for name, alpha, weight in mc.op:
+        if name not in alphas:
+            raise ConfigError(f"run_config.mixup_config.op: unknown op '{name}' (use mixup or cutmix)")
+        alphas[name], weights[name] = alpha, weight
+    total = weights["mixup"] + weights["cutmix"]
+    return Mixup(mixup_alpha=alphas["mixup"] if weights["mixup"] else 0.0,
+                 cutmix_alpha=alphas["cutmix"] if weights["cutmix"] else 0.0,
+                 prob=1.0, switch_prob=weights["cutmix"] / total if total else 0.0, mode="batch",
+                 label_smoothing=cfg.run_config.label_smooth, num_classes=num_classes)

@@ -1,0 +1,230 @@
+"""The trainer on tiny timm models and 32 px real images: schedule, ranks, resume, bad images, divergence."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from lowformer.checkpoints import read_checkpoint
+from lowformer.data.datasets import resolution_batch_sampler
+from lowformer.train import TrainingDiverged, load_config, train
+from lowformer.train.setup import LowformerCosineScheduler, build_model, no_weight_decay_groups
+
+CIFAR = Path(__file__).parents[1] / "lowformer" / "assets" / "cifar10-mini"
+
+
+def make_data(root: Path, classes: int = 2, train: int = 4, val: int = 2) -> Path:
+    """A small ImageNet-layout copy of the bundled CIFAR-10 images."""
+    for split, n in (("train", train), ("val", val)):
+        for c in sorted(p.name for p in (CIFAR / split).iterdir())[:classes]:
+            (root / split / c).mkdir(parents=True)
+            for f in sorted((CIFAR / split / c).iterdir())[:n]:
+                shutil.copy(f, root / split / c / f.name)
+    return root
+
+
+def tiny_overrides(data: Path, **extra: object) -> dict:
+    """A 32 px recipe for a small timm model: everything the recipe does, on a scale that runs in seconds."""
+    cfg = {
+        "data_provider": {"data_dir": str(data), "base_batch_size": 4, "n_worker": 0, "image_size": [24, 32],
+                          "data_aug": [{"name": "randaug", "n": 1, "m": 3}, {"name": "erase", "p": 0.25}]},
+        "run_config": {"n_epochs": 1, "warmup_epochs": 1, "base_lr": 1.0e-3, "eval_image_size": [32],
+                       "reset_bn_size": 8, "reset_bn_batch_size": 4, "mixup_config": {"op": [["mixup", 0.2, 1.0],
+                                                                                          ["cutmix", 0.2, 1.0]]}},
+        "backbone_drop": {"drop_prob": 0.0},
+        "net_config": {"name": "test_efficientnet"},
+    }
+    for group, values in extra.items():
+        cfg[group] = {**cfg.get(group, {}), **values} if isinstance(values, dict) else values
+    return cfg
+
+
+def test_lr_schedule_warmup_then_cosine_per_micro_batch():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = LowformerCosineScheduler(opt, t_initial=4, lr_min=0.0, warmup_t=2, warmup_lr_init=0.0,
+                                     warmup_prefix=True, t_in_epochs=False)
+    lrs = []
+    for t in range(7):
+        sched.step_update(t)
+        lrs.append(opt.param_groups[0]["lr"])
+    # warm-up: peak x (t + 1) / W; then 0.5 peak (1 + cos(pi (t - W) / T)); 0 after T.
+    assert lrs == pytest.approx([0.05, 0.1, 0.1, 0.1 * (0.5 + 0.5 ** 0.5 / 2), 0.05, 0.1 * (0.5 - 0.5 ** 0.5 / 2), 0.0])
+
+
+def test_weight_decay_exemption_is_by_name_substring():
+    model = torch.nn.Sequential()
+    model.add_module("norm", torch.nn.BatchNorm2d(3))
+    model.add_module("main", torch.nn.Sequential(torch.nn.GroupNorm(1, 3), torch.nn.Conv2d(3, 3, 1)))
+    decay, no_decay = no_weight_decay_groups(model, 0.1, ["norm", "bias"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["main.0.weight", "main.1.weight"]  # GroupNorm decayed
+    assert sorted(names[id(p)] for p in no_decay["params"]) == ["main.0.bias", "main.1.bias", "norm.bias", "norm.weight"]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+
+
+def test_resolution_schedule_is_identical_on_every_rank():
+    def choices(rank: int, epoch: int) -> list[int]:
+        sampler = DistributedSampler(range(96), num_replicas=2, rank=rank, shuffle=True, seed=0)
+        batches = resolution_batch_sampler(sampler, batch_size=4, num_sizes=4, seed=0)
+        batches.set_epoch(epoch)
+        out = [[c for _, c in batch] for batch in batches]
+        assert all(len(set(b)) == 1 for b in out)  # one resolution per batch
+        return [b[0] for b in out]
+
+    rank0, rank1 = choices(0, 3), choices(1, 3)
+    assert rank0 == rank1 and len(rank0) == 12 and len(set(rank0)) > 1
+    assert choices(0, 4) != rank0  # drawn afresh each epoch
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["state_dict"]
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    data = make_data(tmp_path / "data")
+    cfg = load_config("configs/cls/imagenet/b1.yaml", tiny_overrides(data))
+    full = train(cfg, tmp_path / "full", progress=False)
+    assert full["epochs"] == 2 and full["finished"]
+    part = train(cfg, tmp_path / "part", progress=False, stop_after_epochs=1)
+    assert part["epochs"] == 1 and not part["finished"]
+    resumed = train(cfg, tmp_path / "part", resume=True, progress=False)
+    assert resumed["epochs"] == 2 and resumed["finished"]
+    a, b = read_checkpoint(tmp_path / "full/checkpoint/checkpoint.pt"), read_checkpoint(tmp_path / "part/checkpoint/checkpoint.pt")
+    for key in ("state_dict", "ema"):
+        sa = a[key] if key == "state_dict" else a[key][0.9998]
+        sb = b[key] if key == "state_dict" else b[key][0.9998]
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), key
+    assert resumed["final_top1"] == full["final_top1"] and resumed["best_top1"] == full["best_top1"]
+    # The run directory in the original's layout; evalmodel.pt loads through the public API.
+    run = tmp_path / "full"
+    assert (run / "checkpoint/latest.txt").read_text().strip() == "checkpoint.pt"
+    assert {"epoch", "best_val", "optimizer", "lr_scheduler", "ema", "scaler", "rng"} <= set(a)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["images_per_s"] > 0 and summary["wall_s"] > 0
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    import lowformer
+    model = lowformer.create_model("test_efficientnet", num_classes=2, checkpoint_path=run / "checkpoint/evalmodel_final.pt")
+    assert torch.equal(model.state_dict()["conv_stem.weight"], a["ema"][0.9998]["conv_stem.weight"])
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
+    data = make_data(tmp_path / "data", train=8)
+    bad = data / "train" / "airplane"
+    (bad / "truncated.jpg").write_bytes(next(bad.iterdir()).read_bytes()[:60])
+    (bad / "not_an_image.jpg").write_text("hello")
+    cfg = load_config("configs/cls/imagenet/b1.yaml", tiny_overrides(
+        data, run_config={"n_epochs": 1, "warmup_epochs": 0, "no_eval": True},
+        data_provider={"base_batch_size": 10, "image_size": [32], "data_aug": None}))
+    with caplog.at_level(logging.WARNING):
+        summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["skipped_images"] == 2
+    assert "truncated.jpg" in caplog.text and "not_an_image.jpg" in caplog.text
+    assert "epoch 1: 2 unreadable image(s) skipped" in caplog.text
+    assert (tmp_path / "run/metrics.csv").read_text().splitlines()[1].split(",")[7] == "2"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = make_data(tmp_path / "data")
+    overrides = tiny_overrides(data, run_config={"n_epochs": 2, "warmup_epochs": 0, "no_eval": True})
+    train(load_config("configs/cls/imagenet/b1.yaml", overrides), tmp_path / "run", progress=False,
+          stop_after_epochs=1)
+    ckpt = tmp_path / "run/checkpoint/checkpoint.pt"
+    before = ckpt.read_bytes()
+    overrides["run_config"]["base_lr"] = 1.0e38
+    with pytest.raises(TrainingDiverged) as e:
+        train(load_config("configs/cls/imagenet/b1.yaml", overrides), tmp_path / "run", resume=True, progress=False)
+    msg = str(e.value)
+    assert "non-finite training loss" in msg and "epoch 2" in msg and str(ckpt) in msg and "(epoch 1)" in msg
+    assert ckpt.read_bytes() == before and read_checkpoint(ckpt)["epoch"] == 0
+
+
+DDP_RECIPE = {
+    "data_provider": {"base_batch_size": 4, "n_worker": 0, "image_size": [32], "data_aug": None, "hflip": 0.0,
+                      "rrc_config": {"scale": [1.0, 1.0], "train_interpolate": "bilinear"}},
+    "run_config": {"n_epochs": 1, "warmup_epochs": 0, "base_lr": 0.1, "optimizer_name": "momentum",
+                   "optimizer_params": {"momentum": 0.0}, "weight_decay": 0.0, "grad_clip": None, "label_smooth": 0.0,
+                   "mixup_config": None, "bce": False, "no_eval": True},
+    "net_config": {"name": "test_vit", "kwargs": {"img_size": 32, "patch_size": 8}},
+}
+
+
+def _flatten(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("optimizer_params", "kwargs", "rrc_config"):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out += [f"--{prefix}{k}", json.dumps(v)]
+    return out
+
+
+def test_two_process_torchrun_equals_one_process_on_the_union_batch(tmp_path):
+    """One SGD step of 2 ranks x 4 images (gloo) moves the weights by 2 lr x the gradient of the mean loss
+    over all 8 images (peak lr = base_lr x world size); 1 process x 8 images moves them by lr x the same
+    gradient. A model without batch statistics, augmentation off."""
+    data = make_data(tmp_path / "data", classes=2, train=4, val=1)
+    flat = _flatten({**DDP_RECIPE, "data_provider": {**DDP_RECIPE["data_provider"], "data_dir": str(data)}})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lowformer",
+           "train", "configs/cls/imagenet/b1.yaml", "--path", str(tmp_path / "ddp"), "--no-progress", *flat]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=Path(__file__).parents[1], start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["rank_param_max_diff"] == 0.0 and ddp["peak_lr"] == pytest.approx(0.2)
+
+    one_cfg = load_config("configs/cls/imagenet/b1.yaml", [*flat, "--data_provider.base_batch_size", "8"])
+    one = train(one_cfg, tmp_path / "one", progress=False)
+    assert one["world_size"] == 1 and one["peak_lr"] == pytest.approx(0.1)
+
+    torch.manual_seed(0)
+    init = build_model(one_cfg, num_classes=2).state_dict()
+    w2, w1 = _weights(tmp_path / "ddp/checkpoint/checkpoint.pt"), _weights(tmp_path / "one/checkpoint/checkpoint.pt")
+    moved = 0
+    for k, w0 in init.items():
+        g2, g1 = (w0 - w2[k]) / 0.2, (w0 - w1[k]) / 0.1
+        torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)
+        moved += int(g1.abs().max() > 0)
+    assert moved > len(init) // 2
+
+
+def test_weight_decay_rule_sees_the_original_names_of_lowformer():
+    """The spec: in B1, 30 one-dimensional tensors are decayed (20 GroupNorm pre-norms, 10 attention BNs)."""
+    import lowformer
+    with torch.device("meta"):
+        model = lowformer.create_model("lowformer_b1")
+    decay, _ = no_weight_decay_groups(model, 0.1, ["norm", "bias"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_1d = sorted(names[id(p)] for p in decay["params"] if p.ndim == 1)
+    assert len(decayed_1d) == 30
+    assert "stages.2.1.attn.main.1.conv_proj.norm.weight" in decayed_1d and "pre_classifier.1.weight" not in decayed_1d
+
+
+@pytest.mark.parametrize("variant", ["lowformer_b0", "lowformer_b3", "lowformer_e1", "lowformer_e3"])
+def test_evalmodel_files_use_the_original_key_layout(variant):
+    import lowformer
+    from lowformer.checkpoints import _checkpoint_filter, to_original_layout
+    from equivalence import FIXTURES
+    from refweights import read_manifest
+    with torch.device("meta"):
+        model = lowformer.create_model(variant)
+    native = model.state_dict()
+    original = to_original_layout(native, model)
+    assert set(original) == {k for k, _, _ in read_manifest(FIXTURES / variant / "keys.tsv")}
+    assert list(_checkpoint_filter(model)(original, model)) == list(native)  # loads back through the filter
