@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from lowformer.errors import LowformerError
 
-__all__ = ["BACKENDS", "AMP_DTYPES", "Prepared", "OutputMismatchError", "prepare", "onnx_cache_dir"]
+__all__ = ["BACKENDS", "AMP_DTYPES", "Prepared", "OutputMismatchError", "check_amp", "export_onnx", "prepare",
+           "onnx_cache_dir"]
 
 _logger = logging.getLogger(__name__)
 

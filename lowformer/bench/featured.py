@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import timm
 import torch
 import torch.nn as nn
 
@@ -54,14 +55,10 @@ FEATURED_EXAMPLES: dict[str, str] = {
     "repvit_m2_3": "repvit_m2_3",
 }
 
-# timm models of the featured families offered as the project's own. ResNet stays a plain timm model: it is
-# the generic baseline, not one of the efficient backbones the project lists.
-_FEATURED_TIMM_MODELS = sorted({
-    *FEATURED_ALIASES.values(),
-    *(f"fastvit_{v}" for v in ("t8", "t12", "s12", "sa12", "sa24", "sa36", "ma36")),
-    *(f"shvit_s{i}" for i in range(1, 5)),
-    *(f"repvit_{v}" for v in ("m0_9", "m1_0", "m1_1", "m1_5", "m2_3")),
-})
+# The featured examples' timm models, offered as the project's own (``lowformer models`` lists them with MACs;
+# every other variant of these families is reachable by name). ResNet-50 stays a plain timm model: it is the
+# generic baseline, not one of the efficient backbones the project lists.
+_FEATURED_TIMM_MODELS = sorted(n for n in FEATURED_EXAMPLES.values() if timm.is_model(n) and n != "resnet50")
 
 # Consulted only when a name does not resolve: the families timm lacks, which come in their own modules, and the
 # prefixes of their short and registry names. Once a family's module registers a model, its names resolve and

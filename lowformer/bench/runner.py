@@ -47,6 +47,7 @@ class BenchConfig:
     deploy: bool = True
     jobs: int = 1
     onnx_cache: str | None = None
+    skip_failures: bool = False
 
 
 def default_batch_size(mode: str, device: str) -> int:
@@ -77,35 +78,55 @@ def _validate(config: BenchConfig) -> torch.device:
     return device
 
 
-def run_benchmark(config: BenchConfig, barrier: Any = None, job: int | None = None) -> list[dict[str, Any]]:
-    """Measure every configuration of ``config``; one record per (model, size, batch, threads, backend).
+def _prepare_all(config: BenchConfig, device: torch.device, batch: int) -> dict[tuple, tuple[Prepared, dict]]:
+    """Every configuration built and checked before any is timed, keyed (model, size, backend, threads).
 
-    ``barrier`` (a multiprocessing barrier) is waited on before every measurement, to keep parallel jobs in
-    lockstep."""
-    device = _validate(config)
-    batch = config.batch_size or default_batch_size(config.mode, config.device)
-    env = environment(device, None)
+    PyTorch backends are shared across thread counts (threads are set around each measurement); onnxruntime
+    fixes its threads when the session is created, so it gets one session per thread count."""
     prepared: dict[tuple, tuple[Prepared, dict[str, Any]]] = {}
     for name in config.models:
         model = build_model(name, deploy=config.deploy).to(device)
         params = count_params(model)
         for size in config.image_sizes:
-            macs = count_macs(model, (3, size, size))
+            cost = {"params": params, "macs": count_macs(model, (3, size, size))}
             x = torch.randn(batch, 3, size, size, device=device)
             for backend in config.backends:
                 for threads in config.threads:
+                    first = (name, size, backend, config.threads[0])
                     if backend != "onnxruntime" and threads != config.threads[0]:
-                        prepared[(name, size, backend, threads)] = prepared[(name, size, backend, config.threads[0])]
+                        if first in prepared:
+                            prepared[(name, size, backend, threads)] = prepared[first]
                         continue
                     _logger.info("preparing %s %dx%d batch %d on %s", name, size, size, batch, backend)
                     target = copy.deepcopy(model) if backend == "channels_last" else model
-                    p = prepare(target, backend, x, amp=config.amp, opset=config.opset, threads=threads,
-                                cache_key=resolve_model_name(name),
-                                cache_dir=Path(config.onnx_cache) if config.onnx_cache else None)
-                    prepared[(name, size, backend, threads)] = (p, {"params": params, "macs": macs})
+                    try:
+                        p = prepare(target, backend, x, amp=config.amp, opset=config.opset, threads=threads,
+                                    cache_key=resolve_model_name(name),
+                                    cache_dir=Path(config.onnx_cache) if config.onnx_cache else None)
+                    except Exception as e:  # a backend that cannot take a model is a finding, not a crash
+                        if not config.skip_failures:
+                            raise
+                        _logger.warning("skipped %s on %s at %d: %s: %s", name, backend, size, type(e).__name__,
+                                        (str(e).splitlines() or [""])[0])
+                        continue
+                    prepared[(name, size, backend, threads)] = (p, cost)
+    return prepared
+
+
+def run_benchmark(config: BenchConfig, barrier: Any = None, job: int | None = None) -> list[dict[str, Any]]:
+    """Measure every configuration of ``config``; one record per (model, size, batch, threads, backend).
+
+    With ``config.skip_failures`` a backend that cannot prepare a model is logged and left out instead of
+    ending the run. ``barrier`` (a multiprocessing barrier) is waited on before every measurement, to keep
+    parallel jobs in lockstep."""
+    device = _validate(config)
+    batch = config.batch_size or default_batch_size(config.mode, config.device)
+    env = environment(device, None)
+    prepared = _prepare_all(config, device, batch)
     samples: dict[tuple, list] = {key: [] for key in prepared}
     loads: dict[tuple, float] = {}
-    for _ in range(config.rounds):
+    for round_ in range(config.rounds):
+        _logger.info("round %d of %d: %d configurations", round_ + 1, config.rounds, len(prepared))
         for key, (p, _) in prepared.items():
             if barrier is not None:
                 barrier.wait()

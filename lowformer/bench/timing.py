@@ -72,10 +72,12 @@ def merge(measurements: list[Measurement]) -> Measurement:
 
 
 def summarize(m: Measurement) -> dict[str, Any]:
-    """Milliseconds per call: median, minimum, mean and IQR over samples (each sample averages a block)."""
+    """Milliseconds per call: median, minimum, mean and IQR over samples (each sample averages a block).
+
+    ``noisy`` flags a figure to distrust: IQR above 10 % of the median, or fewer than 3 samples."""
     return {"median_ms": m.median * 1e3, "min_ms": min(m.times) * 1e3, "mean_ms": m.mean * 1e3,
             "iqr_ms": m.iqr * 1e3, "samples": len(m.times), "calls_per_sample": m.number_per_run,
-            "noisy": bool(m.has_warnings)}
+            "noisy": bool(m.has_warnings) or len(m.times) < 3}
 
 
 def time_callable(fn: Callable[[], Any], threads: int = 1, min_run_time: float = 1.0) -> dict[str, float]:
