@@ -29,10 +29,13 @@ def test_featured_examples_split_into_timm_and_pending_families():
     assert resolve_model_name("ghostnet1.3") == "ghostnetv2_130" and resolve_model_name("pvtv2b2_li") == "pvt_v2_b2_li"
 
 
-@pytest.mark.parametrize("name", sorted(DEPLOYED_PARAMS_M))
-def test_featured_timm_name_builds_deployed_and_runs_at_224(name):
+@pytest.mark.parametrize("name", sorted(FEATURED_EXAMPLES))
+def test_featured_name_builds_deployed_and_runs_at_224(name):
+    if pending_family(name):
+        pytest.skip(f"the family of {name} has not landed")
     model = build_model(name)
-    assert count_params(model) / 1e6 == pytest.approx(DEPLOYED_PARAMS_M[name], abs=0.006)
+    if name in DEPLOYED_PARAMS_M:
+        assert count_params(model) / 1e6 == pytest.approx(DEPLOYED_PARAMS_M[name], abs=0.006)
     with torch.inference_mode():
         out = model(torch.randn(1, 3, 224, 224))
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
