@@ -11,6 +11,7 @@ from lowformer.models import (
     UnknownModelError, create_model, get_lowformer_b0, get_lowformer_b1, get_lowformer_b3, get_lowformer_b15,
     get_lowformer_E1, get_lowformer_E2, get_lowformer_E3, list_models,
 )
+from lowformer.bench import featured as _featured  # noqa: F401  (registers the original's --other names)
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """Timing a forward pass with ``torch.utils.benchmark``: warm-up excluded, thread count explicit,
-median and minimum over blocks, and the environment recorded with every figure."""
+median and minimum over samples, and the environment recorded with every figure."""
 from __future__ import annotations
 
 import os
@@ -7,13 +7,16 @@ import platform
 from typing import Any, Callable
 
 import torch
-from torch.utils.benchmark import Timer
+from torch.utils.benchmark import Measurement, Timer
+from torch.utils.benchmark.utils.common import TaskSpec, set_torch_threads
+from torch.utils.benchmark.utils.timer import timer as synchronised_clock
 
-__all__ = ["environment", "time_callable"]
+__all__ = ["environment", "measure", "merge", "summarize", "time_callable"]
 
 
 def environment(device: torch.device | str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """What a timing depends on: device name, torch version, threads and the load at the start."""
+    import timm
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -21,8 +24,10 @@ def environment(device: torch.device | str = "cpu", threads: int | None = None) 
         name = _cpu_name()
     return {
         "device": name, "device_type": device.type, "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
         "threads": threads if threads is not None else torch.get_num_threads(),
         "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
 
 
@@ -37,12 +42,44 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def time_callable(fn: Callable[[], Any], threads: int = 1, min_run_time: float = 1.0) -> dict[str, float]:
-    """Median and minimum milliseconds per call of ``fn``.
+def measure(fn: Callable[[], Any], threads: int = 1, warmup: int = 10, iterations: int | None = None,
+            min_run_time: float = 1.0, clock: Callable[[], float] = synchronised_clock) -> Measurement:
+    """Time ``fn`` after ``warmup`` untimed calls.
 
-    ``blocked_autorange`` grows the block size first, which doubles as warm-up; each block gives one
-    sample, so the minimum is over per-block averages."""
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
-    m = timer.blocked_autorange(min_run_time=min_run_time)
-    return {"median_ms": m.median * 1e3, "min_ms": min(m.times) * 1e3, "iqr_ms": m.iqr * 1e3,
-            "samples": len(m.times), "calls_per_sample": m.number_per_run}
+    With ``iterations``, exactly that many calls are timed one by one (the original's per-pass protocol);
+    without, ``Timer.blocked_autorange`` picks a block size and repeats blocks for ``min_run_time`` seconds.
+    The default clock synchronises the accelerator before each reading, so GPU work is inside the sample."""
+    with set_torch_threads(threads):
+        for _ in range(warmup):
+            fn()
+        if iterations is None:
+            timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=clock)
+            return timer.blocked_autorange(min_run_time=min_run_time)
+        times = []
+        for _ in range(iterations):
+            start = clock()
+            fn()
+            times.append(clock() - start)
+    return Measurement(number_per_run=1, raw_times=times, task_spec=TaskSpec("fn()", "", num_threads=threads))
+
+
+def merge(measurements: list[Measurement]) -> Measurement:
+    """One measurement of the per-call times of several (e.g. the interleaved rounds of one configuration)."""
+    if len(measurements) == 1:
+        return measurements[0]
+    times = [t for m in measurements for t in m.times]
+    return Measurement(number_per_run=1, raw_times=times, task_spec=measurements[0].task_spec)
+
+
+def summarize(m: Measurement) -> dict[str, Any]:
+    """Milliseconds per call: median, minimum, mean and IQR over samples (each sample averages a block).
+
+    ``noisy`` flags a figure to distrust: IQR above 10 % of the median, or fewer than 3 samples."""
+    return {"median_ms": m.median * 1e3, "min_ms": min(m.times) * 1e3, "mean_ms": m.mean * 1e3,
+            "iqr_ms": m.iqr * 1e3, "samples": len(m.times), "calls_per_sample": m.number_per_run,
+            "noisy": bool(m.has_warnings) or len(m.times) < 3}
+
+
+def time_callable(fn: Callable[[], Any], threads: int = 1, min_run_time: float = 1.0) -> dict[str, float]:
+    """Median and minimum milliseconds per call of ``fn`` (warm-up, then ``blocked_autorange``)."""
+    return summarize(measure(fn, threads=threads, warmup=2, min_run_time=min_run_time))

@@ -1,0 +1,135 @@
+"""The benchmark harness: timing protocol, backends and their output checks, parallel jobs, records, profile.
+
+Timings are never asserted: the protocol is checked with a fake clock, everything else by invariants."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from lowformer.bench.backends import OutputMismatchError, prepare
+from lowformer.bench.profile import profile_model
+from lowformer.bench.runner import BenchConfig, run_benchmark, run_jobs
+from lowformer.bench.timing import measure, merge, summarize
+from lowformer.errors import LowformerError
+
+TINY = "test_convnext"  # timm's 0.27 M-parameter test network
+
+
+class FakeClock:
+    """A clock that only moves when the timed function runs: each call advances it by the next step."""
+
+    def __init__(self, steps: list[float]):
+        self.now, self.steps, self.calls = 0.0, list(steps), 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def fn(self) -> None:
+        self.now += self.steps[min(self.calls, len(self.steps) - 1)]
+        self.calls += 1
+
+
+def test_fixed_iterations_time_each_pass_after_the_warmup():
+    clock = FakeClock([1.0, 1.0, 1.0, 0.001, 0.002, 0.003, 0.004, 0.010])
+    m = measure(clock.fn, warmup=3, iterations=5, clock=clock)
+    assert clock.calls == 8
+    t = summarize(m)
+    assert t["samples"] == 5 and t["calls_per_sample"] == 1
+    assert t["median_ms"] == pytest.approx(3.0) and t["min_ms"] == pytest.approx(1.0)
+    assert t["mean_ms"] == pytest.approx(4.0)
+
+
+def test_autorange_excludes_warmup_and_merge_joins_rounds():
+    clock = FakeClock([5.0, 5.0, 0.01])
+    m = measure(clock.fn, warmup=2, min_run_time=0.05, clock=clock)
+    assert summarize(m)["median_ms"] == pytest.approx(10.0) and summarize(m)["min_ms"] == pytest.approx(10.0)
+    clock2 = FakeClock([0.02])
+    m2 = measure(clock2.fn, warmup=0, iterations=3, clock=clock2)
+    merged = summarize(merge([m, m2]))
+    assert merged["samples"] == len(m.times) + 3 and merged["min_ms"] == pytest.approx(10.0)
+
+
+def test_record_schema_and_backends_match_eager():
+    config = BenchConfig([TINY], batch_size=2, image_sizes=[32], iterations=2, warmup=1,
+                         backends=["eager", "channels_last", "torchscript"], threads=[1])
+    records = run_benchmark(config)
+    assert [r["backend"] for r in records] == ["eager", "channels_last", "torchscript"]
+    params = sum(p.numel() for p in timm.create_model(TINY).parameters())
+    for r in records:
+        assert {"model", "backend", "mode", "batch_size", "image_size", "device", "threads", "torch_version",
+                "median_ms", "min_ms", "images_per_s", "params", "macs", "load_avg_1m"} <= set(r)
+        assert (r["model"], r["mode"], r["batch_size"], r["image_size"], r["threads"]) == (TINY, "throughput", 2, 32, 1)
+        assert r["torch_version"] == torch.__version__ and r["samples"] == 2
+        assert r["images_per_s"] == pytest.approx(2 * 1000 / r["median_ms"])
+        assert r["min_ms"] <= r["median_ms"] and r["params"] == params and r["macs"] > 0
+        assert r["max_abs_diff"] < 1e-4
+
+
+class _Head(nn.Module):
+    def __init__(self, diverge: bool = False):
+        super().__init__()
+        self.conv, self.fc, self.diverge = nn.Conv2d(3, 8, 3), nn.Linear(8, 4), diverge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(self.conv(x).mean((2, 3)))
+        return y * 2 if self.diverge and torch.onnx.is_in_onnx_export() else y
+
+
+def test_onnx_export_is_checked_cached_and_keyed(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Head().eval(), torch.randn(2, 3, 16, 16)
+    p = prepare(model, "onnxruntime", x, opset=17, cache_key="head", cache_dir=tmp_path)
+    assert 0 <= p.max_abs_diff < 1e-5
+    files = list(tmp_path.glob("head_16x16_opset17_*.onnx"))
+    assert len(files) == 1 and p.info["onnx_file"] == str(files[0])
+    with torch.inference_mode():
+        expected = model(x)
+    assert torch.allclose(torch.from_numpy(p.run()), expected, atol=1e-5)
+    mtime = files[0].stat().st_mtime_ns
+    prepare(model, "onnxruntime", x, opset=17, cache_key="head", cache_dir=tmp_path)
+    assert files[0].stat().st_mtime_ns == mtime
+    prepare(model, "onnxruntime", x, opset=16, cache_key="head", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("head_16x16_*.onnx"))) == 2
+
+
+def test_onnx_export_that_diverges_is_refused(tmp_path):
+    model, x = _Head(diverge=True).eval(), torch.randn(1, 3, 16, 16)
+    with pytest.raises(OutputMismatchError, match="onnxruntime outputs differ from PyTorch's by up to"):
+        prepare(model, "onnxruntime", x, cache_key="bad", cache_dir=tmp_path)
+
+
+def test_amp_runs_under_autocast_and_is_refused_for_onnx(tmp_path):
+    model, x = _Head().eval(), torch.randn(1, 3, 16, 16)
+    p = prepare(model, "eager", x, amp="bf16")
+    assert p.run().dtype == torch.bfloat16
+    with pytest.raises(LowformerError, match="--amp"):
+        prepare(model, "onnxruntime", x, amp="bf16", cache_dir=tmp_path)
+
+
+def test_two_jobs_report_per_process_and_aggregate():
+    config = BenchConfig([TINY], mode="latency", image_sizes=[32], iterations=3, warmup=1, jobs=2)
+    records = run_jobs(config)
+    assert [r["job"] for r in records] == [0, 1, "all"]
+    per_job, agg = records[:2], records[2]
+    assert all(r["batch_size"] == 1 and r["jobs"] == 2 and r["samples"] == 3 for r in per_job)
+    assert agg["median_ms"] == pytest.approx((per_job[0]["median_ms"] + per_job[1]["median_ms"]) / 2)
+    assert agg["images_per_s"] == pytest.approx(per_job[0]["images_per_s"] + per_job[1]["images_per_s"])
+    assert agg["min_ms"] == min(r["min_ms"] for r in per_job) and agg["samples"] == 6
+
+
+def test_profile_stages_add_up_to_the_total():
+    r = profile_model(TINY, image_size=32, iterations=2, warmup=1, row_limit=5)
+    stages = [s["stage"] for s in r["stages"]]
+    assert stages[0] == "stem" and "stages.0" in stages and stages.index("stages.0") < stages.index("head")
+    assert sum(s["macs"] for s in r["stages"]) == r["macs"] > 0
+    assert all(s["median_ms"] >= 0 for s in r["stages"])
+    assert "Self CPU" in r["operator_table"] and "aten::" in r["operator_table"]
+
+
+@pytest.mark.slow
+def test_compile_backend_matches_eager():
+    config = BenchConfig([TINY], batch_size=1, image_sizes=[32], iterations=2, warmup=1, backends=["compile"])
+    (r,) = run_benchmark(config)
+    assert r["backend"] == "compile" and r["max_abs_diff"] < 1e-4
