@@ -1,9 +1,10 @@
 """lowformer: hardware-efficient vision backbones on timm.
 
 ``import lowformer`` registers the project's model families with timm. The public API:
-``create_model``, ``list_models``, ``load_checkpoint`` and the original entry points ``get_lowformer_*``.
+``create_model``, ``list_models``, ``load_checkpoint``, ``deploy`` and the original entry points ``get_lowformer_*``.
 """
 from lowformer.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, weights_dir
+from lowformer.deploy import deploy
 from lowformer.errors import LowformerError
 from lowformer.models import (
     UnknownModelError, create_model, get_lowformer_b0, get_lowformer_b1, get_lowformer_b3, get_lowformer_b15,
@@ -13,7 +14,7 @@ from lowformer.models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "LowformerError", "UnknownModelError", "create_model", "list_models", "load_checkpoint",
+    "CheckpointError", "LowformerError", "deploy", "UnknownModelError", "create_model", "list_models", "load_checkpoint",
     "read_checkpoint", "weights_dir", "get_lowformer_b0", "get_lowformer_b1", "get_lowformer_b15",
     "get_lowformer_b3", "get_lowformer_E1", "get_lowformer_E2", "get_lowformer_E3",
 ]
