@@ -37,7 +37,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    return copy.deepcopy(gm)
+    """A new GraphModule with its own graph and module hierarchy sharing the leaf modules and tensors, which
+    passes replace but never modify: cheap purity, without deep-copying the weights at every pass."""
+    return fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
 
 
 def _finish(gm: fx.GraphModule) -> fx.GraphModule:
@@ -79,8 +81,10 @@ def _fold_bn_after(gm: fx.GraphModule, kinds: tuple[type, ...], bn_kinds: tuple[
         if bn is None or not isinstance(bn, bn_kinds) or not _foldable_bn(bn) or user.args[0] is not node:
             continue
         replace_module(gm, node, fuse(mod, bn))
-        if isinstance(bn, BatchNormAct2d) and not (isinstance(bn.drop, nn.Identity) and isinstance(bn.act, nn.Identity)):
-            replace_module(gm, user, nn.Sequential(bn.drop, bn.act))
+        rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                if m is not None and not isinstance(m, nn.Identity)]
+        if rest:
+            replace_module(gm, user, rest[0] if len(rest) == 1 else nn.Sequential(*rest))
         else:
             _bypass(user)
     return _finish(gm)
