@@ -12,7 +12,7 @@ import sys
 
 from lowformer.errors import LowformerError
 
-_SUBCOMMANDS = ["quickstart", "models"]
+_SUBCOMMANDS = ["quickstart", "models", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
