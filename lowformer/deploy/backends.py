@@ -35,8 +35,10 @@ def deploy_runner(model: nn.Module, backend: str, x: torch.Tensor, threads: int 
         info = module.report
     else:
         workdir = Path(workdir or tempfile.mkdtemp(prefix="lowformer-deploy-"))
+        workdir.mkdir(parents=True, exist_ok=True)
         if backend == "onnxruntime-int8":
             module = deploy_int8(model, example, calibration, threads=threads, out_path=workdir / "int8.onnx")
+            module.report["onnx_file"] = module.path
         else:
             path = workdir / "deploy.onnx"
             report = export_onnx(portable_deploy(model, example), path, example, reference=model)
