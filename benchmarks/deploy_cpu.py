@@ -1,8 +1,8 @@
 """CPU speed of the deploy path against its anchors, interleaved in one process.
 
 For each model, batch size and thread count, every backend is prepared (and its outputs checked against the
-eager model), then timed in rounds: each round times every backend once (``torch.utils.benchmark``
-``blocked_autorange``), so a change in machine load hits all backends alike. A fp32 matmul is timed in the
+eager model) and warmed up, then timed in rounds: each round times every backend once (median of its calls
+over ``--min-run-time``), so a change in machine load hits all backends alike. A fp32 matmul is timed in the
 same rounds as the peak the achieved GFLOP/s is compared with. One CSV row per (model, batch, threads,
 backend) is appended as soon as its configuration finishes, with device, torch version and load.
 
@@ -101,10 +101,16 @@ def matmul_peak_runner(threads: int) -> tuple[Callable[[], Any], float]:
     return (lambda: torch.mm(a, b)), 2 * 1024 ** 3
 
 
-def time_once(fn: Callable[[], Any], threads: int, min_run_time: float) -> float:
-    from torch.utils.benchmark import Timer
-    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
-        min_run_time=min_run_time).median
+def time_once(fn: Callable[[], Any], min_run_time: float) -> tuple[float, float]:
+    """(median wall seconds per call, this process's CPU seconds per call) over at least ``min_run_time``
+    and 3 calls. On a loaded shared machine CPU time is the steadier figure (it excludes time spent
+    preempted); for one thread on an idle machine the two agree."""
+    walls, cpu0, start = [], time.process_time(), time.perf_counter()
+    while len(walls) < 3 or time.perf_counter() - start < min_run_time:
+        t0 = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - t0)
+    return sorted(walls)[len(walls) // 2], (time.process_time() - cpu0) / len(walls)
 
 
 def bench_config(name: str, batch: int, threads: int, backends: list[str], rounds: int, min_run_time: float,
@@ -128,20 +134,27 @@ def bench_config(name: str, batch: int, threads: int, backends: list[str], round
                      time.perf_counter() - t0)
     peak_fn, peak_flop = matmul_peak_runner(threads)
     times: dict[str, list[float]] = {b: [] for b in runners}
+    cpu_times: dict[str, list[float]] = {b: [] for b in runners}
     peaks: list[float] = []
     loads: list[float] = []
+    for run in runners.values():
+        run()
+        run()
     for _ in range(rounds):
         loads.append(os.getloadavg()[0])
-        peaks.append(peak_flop / time_once(peak_fn, threads, 0.1) / 1e9)
+        peaks.append(peak_flop / time_once(peak_fn, 0.1)[0] / 1e9)
         for backend, run in runners.items():
-            times[backend].append(time_once(run, threads, min_run_time))
+            wall, cpu = time_once(run, min_run_time)
+            times[backend].append(wall)
+            cpu_times[backend].append(cpu)
     env = environment("cpu", threads)
     peak = max(peaks)
     for backend in backends:
-        t = sorted(times.get(backend, []))
+        t, c = sorted(times.get(backend, [])), sorted(cpu_times.get(backend, []))
         row = {
             "model": name, "backend": backend, "batch": batch, "threads": threads,
             "median_ms": round(t[len(t) // 2] * 1e3, 3) if t else "", "min_ms": round(t[0] * 1e3, 3) if t else "",
+            "cpu_ms_per_thread": round(c[len(c) // 2] * 1e3 / threads, 3) if c else "",
             "images_per_s": round(batch / t[len(t) // 2], 1) if t else "",
             "gflops": round(2 * macs / t[len(t) // 2] / 1e9, 1) if t else "",
             "matmul_peak_gflops": round(peak, 1), "rounds": len(t), "macs_per_image_m": round(macs / batch / 1e6, 1),
@@ -150,8 +163,8 @@ def bench_config(name: str, batch: int, threads: int, backends: list[str], round
             "note": notes.get(backend, ""),
         }
         writer.writerow(row)
-        _logger.info("%-14s %-20s b%-3d t%d %9s ms  %s GFLOP/s (peak %.0f)  load %.1f-%.1f  %s", name, backend, batch,
-                     threads, row["median_ms"], row["gflops"], peak, min(loads), max(loads), row["note"][:60])
+        _logger.info("%-14s %-20s b%-3d t%d %9s ms (cpu %s)  %s GFLOP/s (peak %.0f)  load %.1f-%.1f  %s", name, backend, batch,
+                     threads, row["median_ms"], row["cpu_ms_per_thread"], row["gflops"], peak, min(loads), max(loads), row["note"][:60])
 
 
 def accuracy(models: list[str], count: int, out: Path) -> None:
@@ -190,29 +203,33 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per backend per round")
     p.add_argument("--accuracy", action="store_true", help="low-precision cosine on real images instead of timing")
+    p.add_argument("--images", type=int, default=250, help="--accuracy: how many imagenet-sample images")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
     if args.accuracy:
-        accuracy(args.models or ["lowformer_b0", "lowformer_b1"], 250, args.out or RESULTS / f"deploy_accuracy_{stamp}.csv")
+        accuracy(args.models or ["lowformer_b0", "lowformer_b1"], args.images, args.out or RESULTS / f"deploy_accuracy_{stamp}.csv")
         return 0
     models = args.models or (MODELS[:2] if args.quick else MODELS)
     batches = args.batches or ([1] if args.quick else [1, 16])
     threads_list = args.threads or ([1] if args.quick else [1, 2])
     rounds = args.rounds or (3 if args.quick else 5)
+    # emulated bf16 is ~10x slower than fp32; timing it at batch 16 would take most of the run
+    native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     out = args.out or RESULTS / f"deploy_cpu_{'quick_' if args.quick else ''}{stamp}.csv"
-    fields = ["model", "backend", "batch", "threads", "median_ms", "min_ms", "images_per_s", "gflops",
+    fields = ["model", "backend", "batch", "threads", "median_ms", "min_ms", "cpu_ms_per_thread", "images_per_s", "gflops",
               "matmul_peak_gflops", "rounds", "macs_per_image_m", "load_min", "load_max", "device", "cpu_count",
               "torch", "note"]
     with out.open("w", newline="") as f, tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        for name in models:
+        for threads in threads_list:  # the headline setting (one thread, batch 1) first, for every model
             for batch in batches:
-                for threads in threads_list:
-                    bench_config(name, batch, threads, args.backends, rounds, args.min_run_time, Path(tmp), writer)
+                for name in models:
+                    backends = [b for b in args.backends if b != "deploy-bf16" or batch == 1 or native_bf16]
+                    bench_config(name, batch, threads, backends, rounds, args.min_run_time, Path(tmp), writer)
                     f.flush()
     _logger.info("wrote %s", out)
     return 0

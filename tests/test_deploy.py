@@ -111,7 +111,8 @@ def test_conv_post_ops_absorb_activations_and_conv_add_the_residual():
         def __init__(self):
             super().__init__()
             self.a = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Hardswish(), nn.Conv2d(16, 16, 1), nn.GELU(),
-                                   nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(), nn.Conv2d(16, 8, 1))
+                                   nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU6(),
+                                   nn.ConvTranspose2d(16, 16, 4, stride=2, padding=1), nn.Conv2d(16, 8, 2, stride=2))
 
         def forward(self, x):
             return self.a(x) + x
@@ -120,8 +121,9 @@ def test_conv_post_ops_absorb_activations_and_conv_add_the_residual():
     x = torch.randn(1, 8, 10, 7)
     gm = P.conv_add(P.conv_post_ops(P.propagate_shapes(trace(model), x)))
     convs = [m for m in gm.modules() if isinstance(m, MkldnnConv2d)]
-    assert [c.attr for c in convs] == ["hardswish", "gelu", "hardtanh", "none"]
-    assert [c.other for c in convs] == [None, None, None, "add"]
+    assert [c.attr for c in convs] == ["hardswish", "gelu", "hardtanh", "none", "none"]
+    assert [c.transposed for c in convs] == [False, False, False, True, False]
+    assert [c.other for c in convs] == [None, None, None, None, "add"]
     assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.add]
     for c in convs:
         c.prepack()

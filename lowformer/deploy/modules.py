@@ -43,16 +43,18 @@ def activation_attr(mod: nn.Module) -> tuple[str, list, str] | None:
 
 
 class MkldnnConv2d(nn.Module):
-    """A Conv2d (+ activation, + residual add) computed by one oneDNN call.
+    """A Conv2d or ConvTranspose2d (+ activation, + residual add for Conv2d) computed by one oneDNN call.
 
     ``forward(x)`` or, after :meth:`with_residual`, ``forward(x, other)`` = act(conv(x)) + other.
     :meth:`prepack` re-orders the weights once into oneDNN's blocked layout for the recorded input shape."""
 
-    def __init__(self, conv: nn.Conv2d, post_op: tuple[str, list, str] | None = None,
+    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d, post_op: tuple[str, list, str] | None = None,
                  input_shape: torch.Size | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.transposed = isinstance(conv, nn.ConvTranspose2d)
+        self.output_padding = list(conv.output_padding) if self.transposed else None
         self.padding, self.stride = list(conv.padding), list(conv.stride)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.attr, self.scalars, self.algorithm = post_op or ("none", [], "")
@@ -68,12 +70,22 @@ class MkldnnConv2d(nn.Module):
 
     def prepack(self) -> None:
         """Re-order the weights once for the recorded input shape (they were re-ordered on every call)."""
-        if self.input_shape is not None and self.weight.dtype in (torch.float32, torch.bfloat16):
+        if self.input_shape is None or self.weight.dtype not in (torch.float32, torch.bfloat16):
+            return
+        if self.transposed:
+            self.packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                self.weight.detach(), self.padding, self.output_padding, self.stride, self.dilation, self.groups,
+                self.input_shape)
+        else:
             self.packed = torch.ops.mkldnn._reorder_convolution_weight(
                 self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, self.input_shape)
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
         w = self.packed if self.packed is not None and x.dtype == self.weight.dtype else self.weight
+        if self.transposed:
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, w, self.bias, self.padding, self.output_padding, self.stride, self.dilation, self.groups,
+                self.attr, self.scalars, self.algorithm)
         if self.other is None:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
@@ -83,6 +95,6 @@ class MkldnnConv2d(nn.Module):
             self.other, None, None, [], None)
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "
+        return (f"transposed={self.transposed}, kernel_size={tuple(self.weight.shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}, post_op={self.attr}, "
                 f"residual={self.other is not None}, packed={self.packed is not None}")

@@ -182,11 +182,12 @@ def _input_shape(node: fx.Node) -> torch.Size | None:
 
 
 def conv_post_ops(gm: fx.GraphModule) -> fx.GraphModule:
-    """2-D convolutions become oneDNN convolutions with pre-packed weights, absorbing a following activation
+    """2-D (transposed) convolutions become oneDNN ones with pre-packed weights, absorbing a following activation
     (ReLU, GELU, Hardswish, SiLU, ...) as a post-op, so the activation costs no extra pass over memory."""
     gm = _copy(gm)
-    for node, conv in call_modules(gm, nn.Conv2d):
-        if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    for node, conv in call_modules(gm, (nn.Conv2d, nn.ConvTranspose2d)):
+        if (type(conv) not in (nn.Conv2d, nn.ConvTranspose2d) or conv.padding_mode != "zeros"
+                or isinstance(conv.padding, str) or len(node.args) != 1 or node.kwargs):
             continue
         shape = _input_shape(node)
         user = single_user(node)
@@ -204,7 +205,7 @@ def conv_add(gm: fx.GraphModule) -> fx.GraphModule:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node, conv in call_modules(gm, MkldnnConv2d):
         user = single_user(node)
-        if (conv.attr != "none" or conv.other is not None or user is None or user.op != "call_function"
+        if (conv.attr != "none" or conv.transposed or conv.other is not None or user is None or user.op != "call_function"
                 or user.target not in (operator.add, torch.add) or len(user.args) != 2 or user.kwargs):
             continue
         other = user.args[1] if user.args[0] is node else user.args[0]
