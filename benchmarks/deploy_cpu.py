@@ -182,7 +182,7 @@ def accuracy(models: list[str], count: int, out: Path) -> None:
             with torch.inference_mode():
                 ref = torch.cat([model(b) for b in images.split(16)])
             for precision in ("bf16", "int8"):
-                deployed = deploy(model, images[:1], precision=precision, calibration=calibration)
+                deployed = deploy(model, images[:1], precision=precision, calibration=calibration, verify=False)
                 with torch.inference_mode():
                     out_ = torch.cat([deployed(b) for b in images.split(16)])
                 cos = torch.nn.functional.cosine_similarity(out_, ref, dim=1)

@@ -152,6 +152,35 @@ def test_deploy_refuses_training_mode_and_bad_arguments():
         lowformer.deploy(model.eval(), torch.randn(1, 3, 8, 8), precision="int8", calibration=torch.empty(0, 3, 8, 8))
 
 
+def test_reparameterize_calls_fuse_methods_not_submodules_named_fuse():
+    class Branches(nn.Module):  # a re-parameterisable block declaring fuse()
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+        def fuse(self):
+            merged = nn.Conv2d(3, 3, 1)
+            merged.weight.data, merged.bias.data = self.a.weight + self.b.weight, self.a.bias + self.b.bias
+            return merged
+
+    class Mixer(nn.Module):  # EdgeFormer-style: a submodule that happens to be called `fuse`
+        def __init__(self):
+            super().__init__()
+            self.fuse = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.fuse(x)
+
+    model = nn.Sequential(Branches(), Mixer()).eval()
+    deployed = lowformer.deploy(model, torch.randn(1, 3, 5, 5))
+    assert "reparameterize" in deployed.report["passes"]
+    assert [type(m) for m in deployed.module.modules() if isinstance(m, (nn.Conv2d, MkldnnConv2d))] == [MkldnnConv2d] * 2
+    assert_same(model, deployed, torch.randn(2, 3, 7, 6))
+
+
 def test_deploy_falls_back_when_fx_cannot_trace():
     class Untraceable(nn.Module):
         def __init__(self):

@@ -1,6 +1,6 @@
 """``lowformer.deploy(model)``: an inference-only model computing the same function, faster.
 
-The pipeline (style spec section 2): deep-copy; timm's ``reparameterize_model`` for the blocks that declare
+The pipeline (style spec section 2): deep-copy; timm's ``reparameterize_model`` walk for the blocks that declare
 ``fuse()`` / ``reparameterize()``; one fx trace; the named passes of :mod:`lowformer.deploy.passes`, each a
 pure GraphModule rewrite; channels-last memory format; pre-packed oneDNN weights; then a check against the eager
 model that raises on mismatch. A model fx cannot trace still gets the re-parameterisation and memory format.
@@ -9,13 +9,14 @@ real images (:mod:`lowformer.deploy.onnx`).
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from timm.utils import reparameterize_model
 
 from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, count_norms, verify_outputs
 from lowformer.deploy.graph import trace
@@ -23,7 +24,7 @@ from lowformer.deploy.modules import MkldnnConv2d, mkldnn_available
 from lowformer.deploy.passes import CPU_PASSES, PASSES, PORTABLE_PASSES, propagate_shapes
 from lowformer.errors import LowformerError
 
-__all__ = ["deploy", "DeployedModel", "DeployMismatchError", "PRECISIONS", "default_input", "PASSES",
+__all__ = ["deploy", "reparameterize", "DeployedModel", "DeployMismatchError", "PRECISIONS", "default_input", "PASSES",
            "PORTABLE_PASSES", "CPU_PASSES"]
 
 _logger = logging.getLogger(__name__)
@@ -57,6 +58,26 @@ def default_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
     """A random input at the model's paper resolution (its ``pretrained_cfg['input_size']``)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return torch.randn(batch_size, *cfg.get("input_size", (3, 224, 224)))
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """timm's ``reparameterize_model`` walk on a deep copy, calling ``fuse()`` / ``reparameterize()`` /
+    ``switch_to_deploy()`` only where they are methods: timm's version calls ``child.fuse()`` whenever the
+    attribute exists, which runs the forward of a submodule that happens to be named ``fuse`` (EdgeFormer)."""
+    model = copy.deepcopy(model)
+
+    def walk(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if inspect.ismethod(getattr(child, "fuse", None)):
+                setattr(module, name, child.fuse())
+            elif inspect.ismethod(getattr(child, "reparameterize", None)):
+                child.reparameterize()
+            elif inspect.ismethod(getattr(child, "switch_to_deploy", None)):
+                child.switch_to_deploy()
+            walk(getattr(module, name))
+
+    walk(model)
+    return model
 
 
 def _apply_passes(gm: fx.GraphModule, passes: dict, applied: list[str]) -> fx.GraphModule:
@@ -113,8 +134,8 @@ def deploy(
         _logger.warning("this CPU has no native bf16 instructions: bf16 runs emulated (slower than fp32) "
                         "and without the oneDNN passes")
     report: dict[str, Any] = {"precision": precision, "norms_before": count_norms(model)}
-    applied = ["reparameterize_model"]
-    module = reparameterize_model(model).eval()
+    applied = ["reparameterize"]
+    module = reparameterize(model).eval()
     try:
         gm = trace(module)
         report["traced"] = True
