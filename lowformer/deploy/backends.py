@@ -30,8 +30,8 @@ def deploy_runner(model: nn.Module, backend: str, x: torch.Tensor, threads: int 
     if backend not in DEPLOY_BACKENDS:
         raise LowformerError(f"unknown deploy backend '{backend}': use one of {', '.join(DEPLOY_BACKENDS)}")
     example = x[:1]
-    if backend in ("deploy", "deploy-bf16"):
-        module = deploy(model, example, precision="bf16" if backend == "deploy-bf16" else "fp32")
+    if backend in ("deploy", "deploy-bf16"):  # weights pre-packed for, and checked at, the timed shape
+        module = deploy(model, x, precision="bf16" if backend == "deploy-bf16" else "fp32")
         info = module.report
     else:
         workdir = Path(workdir or tempfile.mkdtemp(prefix="lowformer-deploy-"))
