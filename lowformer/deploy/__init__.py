@@ -30,8 +30,8 @@ __all__ = ["deploy", "reparameterize", "DeployedModel", "DeployMismatchError", "
 _logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
-# the lowest cosine to the eager fp32 outputs that a low-precision deployment may reach on its check inputs
-MIN_COSINE = {"bf16": 0.99, "int8": 0.8}
+# the lowest cosine to the eager fp32 outputs a bf16 deployment may reach (int8: lowformer.deploy.onnx)
+MIN_COSINE = {"bf16": 0.99}
 
 
 class DeployedModel(nn.Module):

@@ -25,8 +25,10 @@ __all__ = ["OPSET", "export_onnx", "ort_session", "OrtModule", "quantize_int8", 
 _logger = logging.getLogger(__name__)
 
 OPSET = 18
-# int8 is checked by cosine to fp32 rather than max |diff|: quantization error is the point
-INT8_MIN_COSINE = 0.8
+# int8 is checked by cosine to fp32 rather than max |diff|: quantization error is the point. The gate only
+# catches a broken quantization: random-weight LowFormers reach 0.72-0.92 on real images (their logits are
+# noise-sized), so their accuracy cost is measured separately (benchmarks/deploy_cpu.py --accuracy).
+INT8_MIN_COSINE = 0.5
 
 
 def _import_ort() -> Any:
