@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import lowformer
+
 from lowformer.cli import main
 from lowformer.deploy.check import DeployMismatchError
 from lowformer.deploy.onnx import OrtModule, check_onnx, export_onnx
@@ -52,3 +54,14 @@ def test_int8_export_from_real_images(tmp_path):
     import onnx
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def test_export_loads_the_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    model = lowformer.create_model("test_efficientnet").eval()
+    ckpt, out = tmp_path / "w.pth", tmp_path / "w.onnx"
+    torch.save(model.state_dict(), ckpt)
+    assert main(["export", "test_efficientnet", "--checkpoint", str(ckpt), "--image-size", "64", "--out", str(out)]) == 0
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(OrtModule(out)(x), model(x), atol=1e-4)
