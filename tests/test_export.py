@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import lowformer
-
 from lowformer.cli import main
 from lowformer.deploy.check import DeployMismatchError
 from lowformer.deploy.onnx import OrtModule, check_onnx, export_onnx
