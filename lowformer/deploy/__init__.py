@@ -1,0 +1,169 @@
+"""``lowformer.deploy(model)``: an inference-only model computing the same function, faster.
+
+The pipeline (style spec section 2): deep-copy; timm's ``reparameterize_model`` walk for the blocks that declare
+``fuse()`` / ``reparameterize()``; one fx trace; the named passes of :mod:`lowformer.deploy.passes`, each a
+pure GraphModule rewrite; channels-last memory format; pre-packed oneDNN weights; then a check against the eager
+model that raises on mismatch. A model fx cannot trace still gets the re-parameterisation and memory format.
+Low precision: ``bf16`` casts the deployed graph; ``int8`` is ONNX Runtime static quantization calibrated on
+real images (:mod:`lowformer.deploy.onnx`).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, count_norms, verify_outputs
+from lowformer.deploy.graph import trace
+from lowformer.deploy.modules import MkldnnConv2d, mkldnn_available
+from lowformer.deploy.passes import CPU_PASSES, PASSES, PORTABLE_PASSES, propagate_shapes
+from lowformer.errors import LowformerError
+
+__all__ = ["deploy", "reparameterize", "DeployedModel", "DeployMismatchError", "PRECISIONS", "default_input", "PASSES",
+           "PORTABLE_PASSES", "CPU_PASSES"]
+
+_logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "int8")
+# the lowest cosine to the eager fp32 outputs a bf16 deployment may reach (int8: lowformer.deploy.onnx)
+MIN_COSINE = {"bf16": 0.99}
+
+
+class DeployedModel(nn.Module):
+    """The deployed graph plus what the caller must not forget: input memory format and dtype.
+
+    ``report`` records the passes applied (so a benchmark figure says what "deploy" meant), whether fx traced
+    the model, the norm layers before and after, and the check result."""
+
+    def __init__(self, module: nn.Module, channels_last: bool, dtype: torch.dtype, report: dict[str, Any]) -> None:
+        super().__init__()
+        self.module = module
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.report = report
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.module(x.to(self.dtype))
+        return out.float() if self.dtype != torch.float32 else out
+
+
+def default_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """A random input at the model's paper resolution (its ``pretrained_cfg['input_size']``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return torch.randn(batch_size, *cfg.get("input_size", (3, 224, 224)))
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """timm's ``reparameterize_model`` walk on a deep copy, calling ``fuse()`` / ``reparameterize()`` /
+    ``switch_to_deploy()`` only where they are methods: timm's version calls ``child.fuse()`` whenever the
+    attribute exists, which runs the forward of a submodule that happens to be named ``fuse`` (EdgeFormer)."""
+    model = copy.deepcopy(model)
+
+    def walk(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if inspect.ismethod(getattr(child, "fuse", None)):
+                setattr(module, name, child.fuse())
+            elif inspect.ismethod(getattr(child, "reparameterize", None)):
+                child.reparameterize()
+            elif inspect.ismethod(getattr(child, "switch_to_deploy", None)):
+                child.switch_to_deploy()
+            walk(getattr(module, name))
+
+    walk(model)
+    return model
+
+
+def _apply_passes(gm: fx.GraphModule, passes: dict, applied: list[str]) -> fx.GraphModule:
+    for name, fn in passes.items():
+        try:
+            gm = fn(gm)
+            applied.append(name)
+        except Exception as e:  # noqa: BLE001 - a pass that cannot handle this graph is skipped, not fatal
+            _logger.warning("deploy pass %s skipped for %s: %s", name, type(gm).__name__, e)
+    return gm
+
+
+def deploy(
+        model: nn.Module,
+        example_input: torch.Tensor | None = None,
+        precision: str = "fp32",
+        calibration: Iterable[torch.Tensor] | torch.Tensor | None = None,
+        passes: Iterable[str] | None = None,
+        verify: bool = True,
+) -> nn.Module:
+    """An inference-only copy of ``model`` that computes the same function faster on the CPU.
+
+    Args:
+        model: any model in eval mode (a model in training mode is refused: BatchNorm folding and dropout
+            removal would change what it computes).
+        example_input: input used for shapes (weight pre-packing) and the final check; default: a random
+            batch of one at the model's paper resolution.
+        precision: ``fp32`` (max |diff| <= 1e-4 x max |output|), ``bf16`` (cast graph; fast only on CPUs
+            with native bf16), or ``int8`` (ONNX Runtime static quantization; needs ``calibration``).
+        calibration: images (a tensor N x C x H x W or an iterable of batches), preprocessed as for
+            evaluation; used by ``int8`` only.
+        passes: names of passes to run (default: all of ``PASSES`` that apply on this machine).
+        verify: compare with the eager model on ``example_input`` and raise DeployMismatchError on mismatch.
+    """
+    if model.training:
+        raise LowformerError("deploy() needs a model in eval mode: call model.eval() first (BatchNorm folding "
+                             "and dropout removal change what a model in training mode computes)")
+    if precision not in PRECISIONS:
+        raise LowformerError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    if example_input is None:
+        example_input = default_input(model)
+    names = list(PASSES) if passes is None else list(passes)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise LowformerError(f"unknown deploy pass(es) {unknown}: available {list(PASSES)}")
+    if precision == "int8":
+        from lowformer.deploy.onnx import deploy_int8
+        return deploy_int8(model, example_input, calibration, passes=[n for n in names if n in PORTABLE_PASSES],
+                           verify=verify)
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    native = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not native:
+        _logger.warning("this CPU has no native bf16 instructions: bf16 runs emulated (slower than fp32) "
+                        "and without the oneDNN passes")
+    report: dict[str, Any] = {"precision": precision, "norms_before": count_norms(model)}
+    applied = ["reparameterize"]
+    module = reparameterize(model).eval()
+    try:
+        gm = trace(module)
+        report["traced"] = True
+    except Exception as e:  # noqa: BLE001 - untraceable models keep module-level rewrites only
+        _logger.warning("fx cannot trace %s (%s): deploying with re-parameterisation and memory format only",
+                        type(model).__name__, e)
+        gm, report["traced"] = None, False
+    channels_last = example_input.dim() == 4
+    if gm is not None:
+        gm = _apply_passes(gm, {n: PORTABLE_PASSES[n] for n in names if n in PORTABLE_PASSES}, applied)
+        if dtype != torch.float32:
+            gm = gm.to(dtype)
+        if native and mkldnn_available() and example_input.device.type == "cpu":
+            x = example_input.to(dtype)
+            gm = propagate_shapes(gm, x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            gm = _apply_passes(gm, {n: CPU_PASSES[n] for n in names if n in CPU_PASSES}, applied)
+            for m in gm.modules():
+                if isinstance(m, MkldnnConv2d):
+                    m.prepack()
+        module = gm
+    elif dtype != torch.float32:
+        module = module.to(dtype)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    report.update(passes=applied, norms_after=count_norms(module), channels_last=channels_last)
+    deployed = DeployedModel(module, channels_last, dtype, report).eval()
+    if verify:
+        report["check"] = verify_outputs(
+            model, deployed, [example_input], f"deploy({type(model).__name__}, precision={precision})",
+            rtol=DEFAULT_RTOL if precision == "fp32" else None, min_cosine=MIN_COSINE.get(precision))
+    return deployed

@@ -1,0 +1,100 @@
+"""Modules the CPU passes put into a graph: oneDNN convolutions with fused post-ops and pre-packed weights.
+
+These are the kernels PyTorch's own inductor uses for CPU convolutions (``torch.ops.mkldnn``); calling them
+from eager code gives the same fusion without compilation. Eager ``nn.Conv2d`` at batch 1 often dispatches to
+the slow im2col path, re-orders its weights on every call, and runs the activation as a separate pass.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ACTIVATIONS", "activation_attr", "MkldnnConv2d", "mkldnn_available"]
+
+# functional / module activations oneDNN can apply as a convolution post-op, by oneDNN attr name
+ACTIVATIONS = {
+    F.relu: "relu", torch.relu: "relu", F.gelu: "gelu", F.hardswish: "hardswish", F.silu: "swish",
+    torch.sigmoid: "sigmoid", torch.tanh: "tanh", F.hardsigmoid: "hardsigmoid",
+}
+_ACTIVATION_MODULES = {
+    nn.ReLU: "relu", nn.GELU: "gelu", nn.Hardswish: "hardswish", nn.SiLU: "swish", nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh", nn.Hardsigmoid: "hardsigmoid",
+}
+
+
+def mkldnn_available() -> bool:
+    """oneDNN convolutions with post-ops exist in this torch build."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def activation_attr(mod: nn.Module) -> tuple[str, list, str] | None:
+    """``(attr, scalars, algorithm)`` of a post-op equal to this activation module, else None."""
+    if type(mod) in _ACTIVATION_MODULES:
+        algorithm = getattr(mod, "approximate", "") if type(mod) is nn.GELU else ""
+        return _ACTIVATION_MODULES[type(mod)], [], algorithm
+    if type(mod) is nn.ReLU6:
+        return "hardtanh", [0.0, 6.0], ""
+    if type(mod) is nn.Hardtanh:
+        return "hardtanh", [mod.min_val, mod.max_val], ""
+    return None
+
+
+class MkldnnConv2d(nn.Module):
+    """A Conv2d or ConvTranspose2d (+ activation, + residual add for Conv2d) computed by one oneDNN call.
+
+    ``forward(x)`` or, after :meth:`with_residual`, ``forward(x, other)`` = act(conv(x)) + other.
+    :meth:`prepack` re-orders the weights once into oneDNN's blocked layout for the recorded input shape."""
+
+    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d, post_op: tuple[str, list, str] | None = None,
+                 input_shape: torch.Size | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.transposed = isinstance(conv, nn.ConvTranspose2d)
+        self.output_padding = list(conv.output_padding) if self.transposed else None
+        self.padding, self.stride = list(conv.padding), list(conv.stride)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.attr, self.scalars, self.algorithm = post_op or ("none", [], "")
+        self.input_shape = None if input_shape is None else list(input_shape)
+        self.other: str | None = None
+        self.packed: torch.Tensor | None = None
+
+    def with_residual(self) -> MkldnnConv2d:
+        """A copy that adds its second input to the output (a binary post-op)."""
+        new = copy.copy(self)
+        new.other = "add"
+        return new
+
+    def prepack(self) -> None:
+        """Re-order the weights once for the recorded input shape (they were re-ordered on every call)."""
+        if self.input_shape is None or self.weight.dtype not in (torch.float32, torch.bfloat16):
+            return
+        if self.transposed:
+            self.packed = torch.ops.mkldnn._reorder_convolution_transpose_weight(
+                self.weight.detach(), self.padding, self.output_padding, self.stride, self.dilation, self.groups,
+                self.input_shape)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, self.input_shape)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.packed if self.packed is not None and x.dtype == self.weight.dtype else self.weight
+        if self.transposed:
+            return torch.ops.mkldnn._convolution_transpose_pointwise(
+                x, w, self.bias, self.padding, self.output_padding, self.stride, self.dilation, self.groups,
+                self.attr, self.scalars, self.algorithm)
+        if self.other is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
+                self.attr, self.scalars, self.algorithm)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, w, self.bias, self.padding, self.stride, self.dilation, self.groups,
+            self.other, None, None, [], None)
+
+    def extra_repr(self) -> str:
+        return (f"transposed={self.transposed}, kernel_size={tuple(self.weight.shape[2:])}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, post_op={self.attr}, "
+                f"residual={self.other is not None}, packed={self.packed is not None}")
