@@ -7,8 +7,6 @@ gives the median and the minimum over its samples and the load average when its 
 
     python benchmarks/cpu_table.py                       # full table -> benchmarks/results/cpu_table.{csv,png}
     python benchmarks/cpu_table.py --quick --tag quick   # batch 1 only, fewer passes
-
-Featured families that have not landed in the project yet are listed and skipped.
 """
 from __future__ import annotations
 
@@ -26,23 +24,12 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowformer.bench.featured import FEATURED_EXAMPLES, FamilyNotAvailableError, resolve_model_name  # noqa: E402
+from lowformer.bench.featured import FEATURED_EXAMPLES  # noqa: E402
 from lowformer.bench.results import format_table, plot_records, write_records  # noqa: E402
 from lowformer.bench.runner import BenchConfig, run_benchmark  # noqa: E402
 
 LOWFORMER = ["lowformer_b0", "lowformer_b1", "lowformer_b15", "lowformer_b3", "lowformer_e1"]
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def available_models() -> tuple[list[str], list[str]]:
-    models, skipped = list(LOWFORMER), []
-    for name in FEATURED_EXAMPLES:
-        try:
-            resolve_model_name(name)
-            models.append(name)
-        except FamilyNotAvailableError:
-            skipped.append(name)
-    return models, skipped
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -78,10 +65,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    models, skipped = available_models()
-    models = args.models or models
+    models = args.models or LOWFORMER + list(FEATURED_EXAMPLES)
     batch_sizes = [1] if args.quick else args.batch_sizes
-    print(f"models: {' '.join(models)}\nnot available yet (skipped): {' '.join(skipped) or '-'}", flush=True)
+    print(f"models: {' '.join(models)}", flush=True)
     print(f"load average at start: {os.getloadavg()}", flush=True)
     records, started = [], time.time()
     for batch in batch_sizes:

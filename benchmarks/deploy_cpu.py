@@ -43,7 +43,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["lowformer_b0", "lowformer_b1", "lowformer_b15", "lowformer_b3", "lowformer_e1"]
 BACKENDS = ["eager", "torchscript", "onnxruntime", "deploy", "onnxruntime-deploy", "deploy-bf16", "onnxruntime-int8"]
 _ONNX_FILES: dict[str, dict[str, str]] = {}
-IMAGES = Path(os.environ.get("LOWFORMER_IMAGENET_SAMPLE", "/work/shared/data/imagenet-sample")) / "val"
+IMAGES = Path(os.environ.get(
+    "LOWFORMER_IMAGENET_SAMPLE", Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")) / "val"
 
 
 def real_images(model: torch.nn.Module, count: int) -> torch.Tensor:

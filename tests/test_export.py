@@ -12,7 +12,8 @@ from lowformer.cli import main
 from lowformer.deploy.check import DeployMismatchError
 from lowformer.deploy.onnx import OrtModule, check_onnx, export_onnx
 
-IMAGES = Path(os.environ.get("LOWFORMER_IMAGENET_SAMPLE", "/work/shared/data/imagenet-sample")) / "val"
+IMAGES = Path(os.environ.get(
+    "LOWFORMER_IMAGENET_SAMPLE", Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")) / "val"
 
 
 def test_export_deploy_graph_matches_pytorch(tmp_path, capsys):

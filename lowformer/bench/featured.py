@@ -2,29 +2,20 @@
 
 The original resolves ``--other`` by substring tests in a fixed order; here every name it accepts for a
 family that timm has becomes an alias of the timm model (``mobileones1`` -> ``mobileone_s1``), registered
-with ``lowformer.models.register_aliases``, and those timm models join the project's list. Six families are
-not in timm; their modules register their own aliases. Until one has landed, its names fail with a message
-saying the family is not available yet, instead of "unknown model".
+with ``lowformer.models.register_aliases``, and those timm models join the project's list. The six families
+timm lacks (EfficientMod, MobileViG, Inception Transformer, FFNet, EdgeViT, FAT) live in
+``lowformer.models.featured`` and register their own short names.
 """
 from __future__ import annotations
-
-import logging
 
 import timm
 import torch
 import torch.nn as nn
 
 from lowformer.errors import LowformerError
-from lowformer.models import (
-    UnknownModelError, create_model, list_models, register_aliases, register_project_models,
-)
-from lowformer.models import resolve_model_name as _resolve_registry_name
+from lowformer.models import create_model, register_aliases, register_project_models, resolve_model_name
 
-__all__ = ["FEATURED_EXAMPLES", "FEATURED_ALIASES", "FamilyNotAvailableError", "pending_family", "resolve_model_name",
-           "build_model"]
-
-_logger = logging.getLogger(__name__)
-
+__all__ = ["FEATURED_EXAMPLES", "FEATURED_ALIASES", "build_model"]
 
 def _series(prefix: str, target: str, suffixes: list[str]) -> dict[str, str]:
     return {f"{prefix}{s}": target.format(s) for s in suffixes}
@@ -60,45 +51,8 @@ FEATURED_EXAMPLES: dict[str, str] = {
 # generic baseline, not one of the efficient backbones the project lists.
 _FEATURED_TIMM_MODELS = sorted(n for n in FEATURED_EXAMPLES.values() if timm.is_model(n) and n != "resnet50")
 
-# Consulted only when a name does not resolve: the families timm lacks, which come in their own modules, and the
-# prefixes of their short and registry names. Once a family's module registers a model, its names resolve and
-# this table no longer speaks for them.
-_PENDING_FAMILIES: dict[str, tuple[str, ...]] = {
-    "EfficientMod": ("efficientmod",), "MobileViG": ("mobilevig",),
-    "Inception Transformer": ("iformer", "inception_transformer"), "FFNet": ("ffnet",), "EdgeViT": ("edgevit",),
-    "FAT": ("fat",),
-}
-
 register_aliases(FEATURED_ALIASES)
 register_project_models(_FEATURED_TIMM_MODELS)
-
-
-class FamilyNotAvailableError(UnknownModelError):
-    """A name of a featured family whose implementation has not been added to the project yet."""
-
-
-def resolve_model_name(name: str) -> str:
-    """Registry name for ``name`` (a project, timm or featured short name).
-
-    Raises FamilyNotAvailableError for a featured family not implemented yet, UnknownModelError otherwise."""
-    try:
-        return _resolve_registry_name(name)
-    except UnknownModelError:
-        family = pending_family(name)
-        if family is None:
-            raise
-        raise FamilyNotAvailableError(
-            f"'{name}' belongs to the {family} family, which is not available in this version of lowformer yet "
-            "(timm does not have it and its module has not landed); `lowformer models` lists what is") from None
-
-
-def pending_family(name: str) -> str | None:
-    """The featured family ``name`` belongs to, if that family has no registered model yet."""
-    for family, prefixes in _PENDING_FAMILIES.items():
-        if name.lower().startswith(prefixes):
-            landed = any(m.startswith(prefixes) for m in list_models())
-            return None if landed else family
-    return None
 
 
 def build_model(name: str, deploy: bool = True, seed: int = 0) -> nn.Module:
