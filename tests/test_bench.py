@@ -133,3 +133,15 @@ def test_compile_backend_matches_eager():
     config = BenchConfig([TINY], batch_size=1, image_sizes=[32], iterations=2, warmup=1, backends=["compile"])
     (r,) = run_benchmark(config)
     assert r["backend"] == "compile" and r["max_abs_diff"] < 1e-4
+
+
+def test_deploy_backends_are_timed_and_checked():
+    """``--backend deploy`` runs lowformer.deploy's graph; its output equals eager's and the passes are recorded."""
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    prepared = prepare(model, "deploy", x)
+    with torch.inference_mode():
+        torch.testing.assert_close(prepared.run(), model(x), rtol=1e-4, atol=1e-4)
+    assert prepared.max_abs_diff < 1e-3 and "conv_bn" in prepared.info["deploy_passes"]
+    with pytest.raises(LowformerError, match="--amp"):
+        prepare(model, "deploy", x, amp="bf16")

@@ -22,12 +22,16 @@ import torch.nn as nn
 
 from lowformer.errors import LowformerError
 
-__all__ = ["BACKENDS", "AMP_DTYPES", "Prepared", "OutputMismatchError", "check_amp", "export_onnx", "prepare",
+__all__ = ["BACKENDS", "DEPLOY_BACKENDS", "AMP_DTYPES", "Prepared", "OutputMismatchError", "check_amp", "export_onnx", "prepare",
            "onnx_cache_dir"]
 
 _logger = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "channels_last", "torchscript", "compile", "onnxruntime")
+# The deploy backends (``lowformer.deploy``): the rewritten PyTorch graph in fp32 or bf16, ONNX Runtime on its
+# export, and ONNX Runtime int8. Listed here by name so the command line can offer them without importing onnx.
+DEPLOY_BACKENDS = ("deploy", "deploy-bf16", "onnxruntime-deploy", "onnxruntime-int8")
+BACKENDS = ("eager", "channels_last", "torchscript", "compile", "onnxruntime") + DEPLOY_BACKENDS
+_LOSSY_BACKENDS = ("deploy-bf16", "onnxruntime-int8")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -62,8 +66,9 @@ def check_amp(device: torch.device, amp: str | None, backend: str) -> None:
         return
     if amp not in AMP_DTYPES:
         raise LowformerError(f"unknown --amp '{amp}': use one of {', '.join(AMP_DTYPES)}")
-    if backend == "onnxruntime":
-        raise LowformerError("--amp applies to the PyTorch backends; onnxruntime runs the fp32 export")
+    if backend == "onnxruntime" or backend in DEPLOY_BACKENDS:
+        raise LowformerError(f"--amp applies to the eager, channels_last, torchscript and compile backends; "
+                             f"{backend} sets its own precision (use deploy-bf16 or onnxruntime-int8)")
     if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise LowformerError(f"{torch.cuda.get_device_name(device)} does not support bf16; use --amp fp16")
 
@@ -110,6 +115,8 @@ def prepare(model: nn.Module, backend: str, x: torch.Tensor, amp: str | None = N
     if backend == "onnxruntime":
         return _prepare_onnx(model, x, reference, opset, cache_key or type(model).__name__,
                              cache_dir or onnx_cache_dir(), rtol, threads)
+    if backend in DEPLOY_BACKENDS:
+        return _prepare_deploy(model, backend, x, reference, rtol, threads)
 
     if backend == "channels_last":
         model = model.to(memory_format=torch.channels_last)
@@ -128,6 +135,22 @@ def prepare(model: nn.Module, backend: str, x: torch.Tensor, amp: str | None = N
             return model(x)
 
     return Prepared(backend, run, _compare(reference, _first_tensor(run()), backend, rtol))
+
+
+def _prepare_deploy(model: nn.Module, backend: str, x: torch.Tensor, reference: torch.Tensor, rtol: float,
+                    threads: int) -> Prepared:
+    """A ``lowformer.deploy`` backend. int8 is calibrated on the timed input itself: speed does not depend on
+    the calibration data (accuracy is measured by ``benchmarks/deploy_cpu.py --accuracy``). Lossy backends
+    report their max difference instead of failing the exact check; deploy checks them by cosine."""
+    from lowformer.deploy.backends import deploy_runner
+    run, report = deploy_runner(model, backend, x, threads=threads,
+                                calibration=x if backend == "onnxruntime-int8" else None)
+    output = _first_tensor(run()).float()
+    if backend in _LOSSY_BACKENDS:
+        diff = (output - reference.float()).abs().max().item()
+    else:
+        diff = _compare(reference, output, backend, rtol)
+    return Prepared(backend, run, diff, {"deploy_passes": " ".join(report.get("passes", []))})
 
 
 def _weights_digest(model: nn.Module) -> str:

@@ -21,12 +21,12 @@ RECORD_FIELDS = [
 
 def format_table(records: list[dict[str, Any]]) -> str:
     """One line per record; ms per batch, images per second, params and MACs in millions."""
-    lines = [f"{'model':<22} {'backend':<13} {'batch':>5} {'size':>5} {'thr':>3} {'job':>3} {'median ms':>10} "
+    lines = [f"{'model':<22} {'backend':<18} {'batch':>5} {'size':>5} {'thr':>3} {'job':>3} {'median ms':>10} "
              f"{'min ms':>9} {'IQR ms':>8} {'img/s':>9} {'params M':>8} {'MACs M':>8} {'max diff':>8}"]
     for r in records:
         job = "" if r.get("job") is None else str(r["job"])
         lines.append(
-            f"{r['model']:<22} {r['backend']:<13} {r['batch_size']:>5} {r['image_size']:>5} {r['threads']:>3} "
+            f"{r['model']:<22} {r['backend']:<18} {r['batch_size']:>5} {r['image_size']:>5} {r['threads']:>3} "
             f"{job:>3} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['iqr_ms']:>8.2f} {r['images_per_s']:>9.1f} "
             f"{r['params'] / 1e6:>8.2f} {r['macs'] / 1e6:>8.1f} {r['max_abs_diff']:>8.1e}"
             + ("  (noisy)" if r.get("noisy") else ""))
