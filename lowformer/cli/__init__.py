@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch.utils.benchmark imports cpp_extension, which warns on every CPU-only machine that has a CUDA_HOME.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):
