@@ -20,9 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<28} {'params (M)':>10} {'MACs (M)':>10} {'resolution':>10}"]
+    lines = [f"{'model':<32} {'params (M)':>10} {'MACs (M)':>10} {'resolution':>10}"]
     for r in rows:
-        lines.append(f"{r['model']:<28} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>10.1f} "
+        lines.append(f"{r['model']:<32} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>10.1f} "
                      f"{r['image_size']:>6}x{r['image_size']:<3}")
     return "\n".join(lines)
 
