@@ -169,8 +169,8 @@ def bench_config(name: str, batch: int, threads: int, backends: list[str], round
 
 
 def accuracy(models: list[str], count: int, out: Path) -> None:
-    """Cosine of int8 / bf16 outputs to the fp32 eager model on the real images (random weights: no trained
-    checkpoint is available here, so this measures numerical agreement, not task accuracy)."""
+    """Cosine of int8 / bf16 outputs to the fp32 eager model on the real images with random weights: numerical
+    agreement, not task accuracy (for a trained checkpoint see deploy_accuracy_cifar10.py)."""
     from lowformer.deploy import deploy
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
