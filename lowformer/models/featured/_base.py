@@ -22,7 +22,7 @@ __all__ = ["StagedNet", "featured_cfg", "rename_prefix"]
 
 def featured_cfg(**kwargs: Any) -> dict[str, Any]:
     """A ``pretrained_cfg``: ImageNet-1k evaluation at 224 (where the spec counts MACs), head named ``head``;
-    a family adds ``first_conv``, ``origin_url`` and ``paper_ids``."""
+    a family adds ``first_conv``, ``origin_url``, ``license`` and the like. No weight location: nothing downloads."""
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.9,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,

@@ -10,22 +10,9 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, trunc_normal_
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
-
-
-def imagenet_cfg(first_conv: str, origin_url: str, license: str, **kwargs: Any) -> Dict[str, Any]:
-    """timm pretrained cfg of a 1000-class ImageNet classifier evaluated at 224 (bicubic, crop 0.9,
-    ImageNet mean/std, the originals' settings), with no weight location: nothing can be downloaded."""
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.9, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': first_conv, 'classifier': 'head', 'origin_url': origin_url, 'license': license,
-        **kwargs,
-    }
 
 
 def map_self_attention(x: torch.Tensor, qkv: nn.Linear, num_heads: int, fused: bool,

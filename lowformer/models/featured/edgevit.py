@@ -27,7 +27,8 @@ from timm.layers import ConvMlp, DropPath, LayerNorm2d, Mlp, calculate_drop_path
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._pyramid import PyramidClassifier, Stage, imagenet_cfg, map_self_attention
+from lowformer.models.featured._base import featured_cfg
+from lowformer.models.featured._pyramid import PyramidClassifier, Stage, map_self_attention
 
 __all__ = ['EdgeVit']
 
@@ -287,7 +288,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return out
 
 
-_cfg = partial(imagenet_cfg, first_conv='stem.proj', origin_url='https://github.com/saic-fi/edgevit', license='other')
+_cfg = partial(featured_cfg, first_conv='stem.proj', origin_url='https://github.com/saic-fi/edgevit', license='other')
 
 default_cfgs = generate_default_cfgs({
     'edgevit_xxs.untrained': _cfg(),

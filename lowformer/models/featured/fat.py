@@ -28,7 +28,8 @@ from timm.layers import ConvNormAct, DropPath, calculate_drop_path_rates, use_fu
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._pyramid import PyramidClassifier, Stage, imagenet_cfg
+from lowformer.models.featured._base import featured_cfg
+from lowformer.models.featured._pyramid import PyramidClassifier, Stage
 
 __all__ = ['FAT']
 
@@ -242,7 +243,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     return out
 
 
-_cfg = partial(imagenet_cfg, first_conv='stem.conv1.conv', origin_url='https://github.com/qhfan/FAT', license='mit')
+_cfg = partial(featured_cfg, first_conv='stem.conv1.conv', origin_url='https://github.com/qhfan/FAT', license='mit')
 
 default_cfgs = generate_default_cfgs({
     'fat_b0.untrained': _cfg(),

@@ -32,7 +32,8 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._pyramid import PyramidClassifier, Stage, imagenet_cfg, map_self_attention
+from lowformer.models.featured._base import featured_cfg
+from lowformer.models.featured._pyramid import PyramidClassifier, Stage, map_self_attention
 
 __all__ = ['InceptionTransformer']
 
@@ -351,7 +352,7 @@ def _remap_key(k: str) -> str:
 
 
 _cfg = partial(
-    imagenet_cfg, first_conv='stem.conv1', origin_url='https://github.com/sail-sg/iFormer', license='apache-2.0')
+    featured_cfg, first_conv='stem.conv1', origin_url='https://github.com/sail-sg/iFormer', license='apache-2.0')
 
 default_cfgs = generate_default_cfgs({
     'inception_transformer_small.untrained': _cfg(),
