@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowformer  # noqa: E402
 from lowformer.bench.timing import environment  # noqa: E402
 from lowformer.data import ImageFolderDataset, eval_transform  # noqa: E402
+from lowformer.deploy.onnx import deploy_int8  # noqa: E402
 
 _logger = logging.getLogger("deploy_accuracy_cifar10")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,8 +86,11 @@ def main() -> int:
     paths = {
         "fp32 eager": model,
         "fp32 deploy": lowformer.deploy(model, example, precision="fp32"),
-        "bf16 deploy": lowformer.deploy(model, example, precision="bf16"),
-        "int8 onnxruntime": lowformer.deploy(model, example, precision="int8", calibration=calibration.split(16)),
+        "bf16 deploy": lowformer.deploy(model, example, precision="bf16", min_cosine=-1.0),
+        "int8 onnxruntime": lowformer.deploy(model, example, precision="int8", calibration=calibration.split(16),
+                                             min_cosine=-1.0),
+        "int8 onnxruntime, 8-bit weights": deploy_int8(model, example, calibration.split(16), min_cosine=-1.0,
+                                                       reduce_range=False),
     }
     env = environment("cpu", args.threads)
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())

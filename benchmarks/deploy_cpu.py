@@ -169,27 +169,38 @@ def bench_config(name: str, batch: int, threads: int, backends: list[str], round
 
 
 def accuracy(models: list[str], count: int, out: Path) -> None:
-    """Cosine of int8 / bf16 outputs to the fp32 eager model on the real images with random weights: numerical
-    agreement, not task accuracy (for a trained checkpoint see deploy_accuracy_cifar10.py)."""
+    """Cosine of int8 / bf16 outputs to the fp32 eager model on real images with random weights: numerical
+    agreement, not task accuracy (for a trained checkpoint see deploy_accuracy_cifar10.py). int8 is calibrated on
+    the first 32 images and scored on the others, with the default weights (7-bit on a CPU without VNNI) and with
+    full 8-bit weights, to show the saturation the default avoids."""
     from lowformer.deploy import deploy
+    from lowformer.deploy.onnx import cpu_has_vnni, deploy_int8
+    env = environment("cpu", 1)
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "precision", "images", "mean_cosine", "min_cosine", "top1_agreement", "weights"])
+        writer.writerow(["model", "precision", "images", "mean_cosine", "min_cosine", "top1_agreement", "weights",
+                         "device", "vnni", "torch"])
         for name in models:
             torch.manual_seed(0)
             model = lowformer.create_model(name).eval()
             images = real_images(model, count)
-            calibration = images[:32]
+            calibration, held_out = images[:32], images[32:]
             with torch.inference_mode():
-                ref = torch.cat([model(b) for b in images.split(16)])
-            for precision in ("bf16", "int8"):
-                deployed = deploy(model, images[:1], precision=precision, calibration=calibration, verify=False)
+                ref = torch.cat([model(b) for b in held_out.split(16)])
+            paths = {
+                "bf16": deploy(model, images[:1], precision="bf16", min_cosine=-1.0),
+                "int8": deploy(model, images[:1], precision="int8", calibration=calibration, min_cosine=-1.0),
+                "int8 (8-bit weights)": deploy_int8(model, images[:1], calibration, min_cosine=-1.0,
+                                                    reduce_range=False),
+            }
+            for precision, deployed in paths.items():
                 with torch.inference_mode():
-                    out_ = torch.cat([deployed(b) for b in images.split(16)])
+                    out_ = torch.cat([deployed(b) for b in held_out.split(16)])
                 cos = torch.nn.functional.cosine_similarity(out_, ref, dim=1)
                 agree = (out_.argmax(1) == ref.argmax(1)).float().mean().item()
-                writer.writerow([name, precision, len(images), f"{cos.mean():.5f}", f"{cos.min():.5f}",
-                                 f"{agree:.3f}", "random init (seed 0)"])
+                writer.writerow([name, precision, len(held_out), f"{cos.mean():.5f}", f"{cos.min():.5f}",
+                                 f"{agree:.3f}", "random init (seed 0)", env["device"], cpu_has_vnni(),
+                                 env["torch_version"]])
                 _logger.info("%s %s: cosine mean %.5f min %.5f, top-1 agreement %.3f", name, precision,
                              cos.mean(), cos.min(), agree)
 

@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", type=Path, default=None,
                    help="folder of images (searched recursively) for int8 calibration")
     p.add_argument("--calibration-count", type=int, default=64, help="how many calibration images to use")
+    p.add_argument("--min-cosine", type=float, default=INT8_MIN_COSINE,
+                   help="int8: lowest cosine to the fp32 outputs on the calibration images (default %(default)s)")
     p.add_argument("--checkpoint", type=Path, default=None, help="weights to load (any layout create_model reads)")
     p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
             quantize_int8(fp32, args.out, calibration)
         finally:
             fp32.unlink(missing_ok=True)
-        report = check_onnx(args.out, model, calibration[:1], rtol=None, min_cosine=INT8_MIN_COSINE)
+        report = check_onnx(args.out, model, calibration[:1], rtol=None, min_cosine=args.min_cosine)
     print(f"wrote {args.out} ({args.precision}{', deploy graph' if args.deploy else ''}): max |diff| "
           f"{report['max_abs_diff']:.3g} of max |output| {report['max_abs_ref']:.3g}, "
           f"cosine {report['min_cosine']:.5f}")

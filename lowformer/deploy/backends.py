@@ -25,19 +25,21 @@ def deploy_runner(model: nn.Module, backend: str, x: torch.Tensor, threads: int 
     (passes applied, output check). The result was already checked against ``model`` on ``x``'s shape.
 
     ONNX files go to ``workdir`` (default: a fresh temporary directory); ``threads`` sets ONNX Runtime's
-    intra-op threads (PyTorch's are the caller's, e.g. torch.utils.benchmark's ``num_threads``)."""
+    intra-op threads (PyTorch's are the caller's, e.g. torch.utils.benchmark's ``num_threads``). Lossy backends
+    accept any cosine (timing does not depend on it) and record it in ``info['check']``."""
     from lowformer.deploy.onnx import OrtModule, deploy_int8, export_onnx, portable_deploy
     if backend not in DEPLOY_BACKENDS:
         raise LowformerError(f"unknown deploy backend '{backend}': use one of {', '.join(DEPLOY_BACKENDS)}")
     example = x[:1]
     if backend in ("deploy", "deploy-bf16"):  # weights pre-packed for, and checked at, the timed shape
-        module = deploy(model, x, precision="bf16" if backend == "deploy-bf16" else "fp32")
+        module = deploy(model, x, precision="bf16" if backend == "deploy-bf16" else "fp32", min_cosine=-1.0)
         info = module.report
     else:
         workdir = Path(workdir or tempfile.mkdtemp(prefix="lowformer-deploy-"))
         workdir.mkdir(parents=True, exist_ok=True)
         if backend == "onnxruntime-int8":
-            module = deploy_int8(model, example, calibration, threads=threads, out_path=workdir / "int8.onnx")
+            module = deploy_int8(model, example, calibration, threads=threads, out_path=workdir / "int8.onnx",
+                                 min_cosine=-1.0)
             module.report["onnx_file"] = module.path
         else:
             path = workdir / "deploy.onnx"
