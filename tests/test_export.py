@@ -120,3 +120,21 @@ def test_int8_lowformer_keeps_cosine_on_held_out_real_images(tmp_path):
             assert torch.nn.functional.cosine_similarity(full(held_out), ref).min().item() < cosine
     with pytest.raises(DeployMismatchError, match="min_cosine"):
         lowformer.deploy(model, images[:1], precision="int8", calibration=calibration, min_cosine=1.0)
+
+
+def test_a_model_the_exporter_cannot_express_gives_one_line(tmp_path, capfd):
+    class InputSizedKernel(torch.nn.Module):  # EdgeFormer-style: the kernel is resized to the input
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(3, 1, 4, 1))
+
+        def forward(self, x):
+            w = torch.nn.functional.interpolate(self.weight, size=(x.shape[-2], 1), mode="bilinear")
+            return torch.nn.functional.conv2d(x, w, groups=3)
+
+    from lowformer.errors import LowformerError
+    path = tmp_path / "m.onnx"
+    with pytest.raises(LowformerError, match="cannot be exported to ONNX") as info:
+        export_onnx(InputSizedKernel().eval(), path, torch.randn(1, 3, 8, 8))
+    assert "\n" not in str(info.value) and not path.exists()
+    assert "graph" not in capfd.readouterr().out  # the exporter's graph dump is held back

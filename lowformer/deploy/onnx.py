@@ -11,8 +11,10 @@ onnx and onnxruntime are optional dependencies (the ``onnx`` extra), imported wh
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -77,6 +79,28 @@ def portable_deploy(model: nn.Module, example_input: torch.Tensor, passes: Itera
     return deployed.module
 
 
+@contextlib.contextmanager
+def _held_output() -> Iterator[list[str]]:
+    """Hold what is written to file descriptors 1 and 2 (the exporter's C++ log too) during the block; the text is
+    in the yielded list afterwards. A failed export otherwise prints its whole TorchScript graph before raising."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved, text = [os.dup(1), os.dup(2)], []
+    with tempfile.TemporaryFile(mode="w+") as held:
+        os.dup2(held.fileno(), 1)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield text
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy_ in zip((1, 2), saved):
+                os.dup2(copy_, fd)
+                os.close(copy_)
+            held.seek(0)
+            text.append(held.read())
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                 check_inputs: list[torch.Tensor] | None = None, reference: nn.Module | None = None,
                 rtol: float | None = DEFAULT_RTOL, min_cosine: float | None = None,
@@ -88,10 +112,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     _import_ort()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(model, (example_input,), str(path), input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
-                          dynamo=False)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), _held_output() as held:
+            torch.onnx.export(model, (example_input,), str(path), input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
+        sys.stderr.write("".join(held))
+    except Exception as e:  # noqa: BLE001 - the exporter raises many types, each after dumping its whole graph
+        path.unlink(missing_ok=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LowformerError(f"{type(model).__name__} cannot be exported to ONNX (opset {opset}): {reason[:300]}; "
+                             "run it in PyTorch (lowformer.deploy(model) or the eager model) instead") from None
     if check_inputs is None:
         check_inputs = [example_input, torch.randn(2, *example_input.shape[1:])]
     return check_onnx(path, reference or model, check_inputs, rtol=rtol, min_cosine=min_cosine)
