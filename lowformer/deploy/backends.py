@@ -32,7 +32,8 @@ def deploy_runner(model: nn.Module, backend: str, x: torch.Tensor, threads: int 
         raise LowformerError(f"unknown deploy backend '{backend}': use one of {', '.join(DEPLOY_BACKENDS)}")
     example = x[:1]
     if backend in ("deploy", "deploy-bf16"):  # weights pre-packed for, and checked at, the timed shape
-        module = deploy(model, x, precision="bf16" if backend == "deploy-bf16" else "fp32", min_cosine=-1.0)
+        bf16 = backend == "deploy-bf16"
+        module = deploy(model, x, precision="bf16" if bf16 else "fp32", min_cosine=-1.0 if bf16 else None)
         info = module.report
     else:
         workdir = Path(workdir or tempfile.mkdtemp(prefix="lowformer-deploy-"))
