@@ -145,3 +145,13 @@ def test_deploy_backends_are_timed_and_checked():
     assert prepared.max_abs_diff < 1e-3 and "conv_bn" in prepared.info["deploy_passes"]
     with pytest.raises(LowformerError, match="--amp"):
         prepare(model, "deploy", x, amp="bf16")
+
+
+def test_deploy_form_of_a_model_with_a_submodule_named_fuse():
+    """EdgeFormer has a submodule called ``fuse``: timm's reparameterize walk would call it as a method."""
+    from lowformer.bench.featured import build_model
+    training_form, deployed_form = build_model("edgeformer_xs", deploy=False), build_model("edgeformer_xs")
+    x = torch.randn(1, 3, 128, 128)
+    with torch.inference_mode():
+        assert torch.equal(training_form(x), deployed_form(x))
+

@@ -58,10 +58,11 @@ register_project_models(_FEATURED_TIMM_MODELS)
 def build_model(name: str, deploy: bool = True, seed: int = 0) -> nn.Module:
     """The model ``name`` in eval mode for timing, with seeded random weights.
 
-    ``deploy`` applies timm's ``reparameterize_model``, which folds the multi-branch blocks of the families
-    that declare ``reparameterize()`` / ``fuse()`` (FastViT, MobileOne, RepViT, SHViT, EfficientViT-M) and
-    leaves the others unchanged, so every family is timed in the form it is deployed in."""
-    from timm.utils import reparameterize_model
+    ``deploy`` applies timm's ``reparameterize_model`` walk (as :func:`lowformer.deploy.reparameterize`, which
+    calls ``fuse`` only where it is a method: EdgeFormer has a submodule named ``fuse``), folding the multi-branch
+    blocks of the families that declare ``reparameterize()`` / ``fuse()`` (FastViT, MobileOne, RepViT, SHViT,
+    EfficientViT-M) and leaving the others unchanged, so every family is timed in the form it is deployed in."""
+    from lowformer.deploy import reparameterize
     registry_name = resolve_model_name(name)
     torch.manual_seed(seed)
     try:
@@ -69,5 +70,5 @@ def build_model(name: str, deploy: bool = True, seed: int = 0) -> nn.Module:
     except TypeError as e:
         raise LowformerError(f"cannot build '{name}': {e}") from e
     if deploy:
-        model = reparameterize_model(model)
+        model = reparameterize(model)
     return model
