@@ -155,3 +155,11 @@ def test_deploy_form_of_a_model_with_a_submodule_named_fuse():
     with torch.inference_mode():
         assert torch.equal(training_form(x), deployed_form(x))
 
+
+def test_onnx_export_failure_is_one_line(tmp_path):
+    from lowformer.bench.backends import export_onnx
+    from lowformer.bench.featured import build_model
+    path = tmp_path / "m.onnx"
+    with pytest.raises(LowformerError, match="cannot be exported to ONNX") as info:
+        export_onnx(build_model("edgeformer_xs"), torch.randn(1, 3, 128, 128), path, 17)
+    assert "\n" not in str(info.value) and not path.exists() and not list(tmp_path.iterdir())

@@ -162,18 +162,14 @@ def _weights_digest(model: nn.Module) -> str:
 
 
 def export_onnx(model: nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
-    """Export with a dynamic batch axis (input ``input``, output ``output``), as the original does."""
+    """Export with a dynamic batch axis (input ``input``, output ``output``), as the original does, to a temporary
+    name renamed into place, so a cached file is always complete."""
+    from lowformer.deploy.onnx import write_onnx
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model.cpu(), (x.cpu(),), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=["input"], output_names=["output"], do_constant_folding=True,
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-        except Exception as e:  # the exporter raises many types; all mean the same to the user
-            tmp.unlink(missing_ok=True)
-            raise LowformerError(f"ONNX export (opset {opset}) failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+        write_onnx(model.cpu(), x.cpu(), tmp, opset)
     tmp.replace(path)
 
 

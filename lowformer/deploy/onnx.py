@@ -25,7 +25,7 @@ import torch.nn as nn
 from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, verify_outputs
 from lowformer.errors import LowformerError
 
-__all__ = ["OPSET", "export_onnx", "ort_session", "OrtModule", "quantize_int8", "calibration_batches",
+__all__ = ["OPSET", "write_onnx", "export_onnx", "ort_session", "OrtModule", "quantize_int8", "calibration_batches",
            "deploy_int8", "portable_deploy", "cpu_has_vnni"]
 
 _logger = logging.getLogger(__name__)
@@ -101,17 +101,11 @@ def _held_output() -> Iterator[list[str]]:
             text.append(held.read())
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
-                check_inputs: list[torch.Tensor] | None = None, reference: nn.Module | None = None,
-                rtol: float | None = DEFAULT_RTOL, min_cosine: float | None = None,
-                opset: int = OPSET) -> dict[str, float]:
-    """Export ``model`` (batch dimension dynamic) to ``path`` and check ONNX Runtime against ``reference``
-    (default: ``model``) on ``check_inputs`` (default: ``example_input`` and a batch of two).
+def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = OPSET) -> None:
+    """Export ``model`` to ``path`` with a dynamic batch axis (input ``input``, output ``output``), unchecked.
 
-    Returns the check result; raises DeployMismatchError, removing the file, when outputs diverge."""
-    _import_ort()
+    A model the exporter cannot express raises one LowformerError naming its reason, and leaves no file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with torch.inference_mode(False), torch.no_grad(), _held_output() as held:
             torch.onnx.export(model, (example_input,), str(path), input_names=["input"], output_names=["output"],
@@ -120,9 +114,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
         sys.stderr.write("".join(held))
     except Exception as e:  # noqa: BLE001 - the exporter raises many types, each after dumping its whole graph
         path.unlink(missing_ok=True)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = str(e).strip().splitlines()
+        reason = lines[0] if lines else type(e).__name__
         raise LowformerError(f"{type(model).__name__} cannot be exported to ONNX (opset {opset}): {reason[:300]}; "
                              "run it in PyTorch (lowformer.deploy(model) or the eager model) instead") from None
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
+                check_inputs: list[torch.Tensor] | None = None, reference: nn.Module | None = None,
+                rtol: float | None = DEFAULT_RTOL, min_cosine: float | None = None,
+                opset: int = OPSET) -> dict[str, float]:
+    """:func:`write_onnx`, then check ONNX Runtime against ``reference`` (default: ``model``) on ``check_inputs``
+    (default: ``example_input`` and a batch of two).
+
+    Returns the check result; raises DeployMismatchError, removing the file, when outputs diverge."""
+    _import_ort()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_onnx(model, example_input, path, opset)
     if check_inputs is None:
         check_inputs = [example_input, torch.randn(2, *example_input.shape[1:])]
     return check_onnx(path, reference or model, check_inputs, rtol=rtol, min_cosine=min_cosine)
