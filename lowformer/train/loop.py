@@ -204,15 +204,19 @@ class Trainer:
         else:
             _logger.warning("--resume with %d processes, the checkpoint was written by %d: random streams restart",
                             self.ctx.world_size, len(state.rng))
-        committed = self.rd.committed_epoch()
-        if self.ctx.is_main and committed is not None and committed != -2 and state.epoch < committed:
-            raise LowformerError(f"--resume: '{self.rd.pointer}' names epoch {committed + 1} but '{path}' holds epoch "
-                                 f"{state.epoch + 1}; the run directory was changed by hand")
-        if self.ctx.is_main and (committed is None or state.epoch > committed):
-            _logger.warning("epoch %d was interrupted while it was being saved: completing its files from %s",
-                            state.epoch + 1, path)
-            self.commit()
+        _on_main(self.ctx, self._repair)
         self.log("resumed from %s (epoch %d done)", path, state.epochs_done)
+
+    def _repair(self) -> None:
+        """Complete an epoch whose commit was interrupted after ``checkpoint.pt`` (roll forward)."""
+        committed, epoch = self.rd.committed_epoch(), self.state.epoch
+        if committed is not None and committed != -2 and epoch < committed:
+            raise LowformerError(f"--resume: '{self.rd.pointer}' names epoch {committed + 1} but "
+                                 f"'{self.rd.checkpoint}' holds epoch {epoch + 1}; the run directory was changed by hand")
+        if committed is None or epoch > committed:
+            _logger.warning("epoch %d was interrupted while it was being saved: completing its files from %s",
+                            epoch + 1, self.rd.checkpoint)
+            self.commit()
 
     # --- one epoch -------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -357,8 +361,8 @@ class Trainer:
                    "rank_param_max_diff": param_diff}
             row.update({f"val_{k}": (round(val[k], 6) if val else None) for k in self.task.metric_names})
             s.history = [*s.history, row]
+            _on_main(self.ctx, self.commit)  # a failed write stops every rank, not only rank 0
             if self.ctx.is_main:
-                self.commit()
                 self.logger.scalars("epoch", {k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
                 self.logger.flush()
             if t["skipped"] and self.ctx.is_main:
