@@ -92,6 +92,11 @@ class Trainer:
                                      "checkpoint: give one of the two")
             if not Path(initial_checkpoint).is_file():
                 raise LowformerError(f"--initial-checkpoint '{initial_checkpoint}': file not found")
+        if log_wandb:
+            import importlib.util
+            if importlib.util.find_spec("wandb") is None:
+                raise LowformerError("--log-wandb: the wandb package is not installed; pip install wandb, or train "
+                                     "without --log-wandb")
         self.log_interval, self.log_wandb = log_interval, log_wandb
         self.amp_dtype, self.scaler = amp_mode(amp, self.device)
         check_schedule(cfg)
