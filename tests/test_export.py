@@ -224,3 +224,38 @@ def test_a_model_the_exporter_cannot_express_gives_one_line(tmp_path, capfd):
         export_onnx(InputSizedKernel().eval(), path, torch.randn(1, 3, 8, 8))
     assert "\n" not in str(info.value) and not path.exists()
     assert "graph" not in capfd.readouterr().out  # the exporter's graph dump is held back
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--opset", "3"], "opset 3"), (["--opset", "40"], "opset 40"), (["--image-size", "0"], "--image-size 0"),
+    (["--image-size", "-5"], "--image-size -5"), (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--out", "{tmp}/m.txt"], "unknown file type '.txt'"), (["--out", "{tmp}/a_file/m.onnx"], "cannot write in"),
+    (["--precision", "int8", "--calibration", "{tmp}", "--calibration-count", "0"], "count 0"),
+    (["--precision", "int8", "--calibration", "{tmp}/missing"], "does not exist"),
+    (["--precision", "int8", "--calibration", "{tmp}/a_file"], "is a file"),
+    (["--calibration", "{tmp}"], "--precision int8"), (["--min-cosine", "2"], "--min-cosine 2"),
+    (["--checkpoint", "{tmp}/none.pt"], "no such file"),
+])
+def test_export_bad_values_fail_in_one_line_before_any_work(argv, words, tmp_path, capsys, monkeypatch):
+    import lowformer.models
+    monkeypatch.setattr(lowformer.models, "create_model", lambda *a, **k: pytest.fail("work started before the check"))
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "m.onnx")]
+    assert main(["export", "test_efficientnet", *argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lowformer export: error:") and words in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_export_flag_aliases_and_opset(tmp_path):
+    from lowformer.cli import build_parser
+    args = build_parser().parse_args(["export", "m", "--out", "m.onnx", "--image_size", "32", "--calibration_count",
+                                      "5", "--min_cosine", "0.5"])
+    assert (args.image_size, args.calibration_count, args.min_cosine, args.opset, args.device) == (32, 5, 0.5, 18, "cpu")
+    import onnx
+    out = tmp_path / "m.onnx"
+    assert main(["export", "test_efficientnet", "--image-size", "32", "--opset", "17", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {17}

@@ -27,7 +27,7 @@ from lowformer.errors import LowformerError
 from lowformer.files import check_output_path
 from lowformer.models import resolve_model_name
 
-__all__ = ["BenchConfig", "benchmark", "default_batch_size", "default_threads", "resolve",
+__all__ = ["BenchConfig", "benchmark", "default_batch_size", "default_threads", "require_at_least", "resolve",
            "run_benchmark", "run_jobs"]
 
 _logger = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def default_threads(jobs: int = 1) -> int:
     return max(1, torch.get_num_threads() // max(jobs, 1))
 
 
-def _at_least(value: Any, low: int | float, name: str, what: str) -> None:
+def require_at_least(value: Any, low: int | float, name: str, what: str) -> None:
+    """One LowformerError naming ``name`` and ``what`` to give unless ``value`` is a number >= ``low``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
         raise LowformerError(f"{name} {value!r} is out of range: {what}")
 
@@ -82,23 +83,23 @@ def resolve(config: BenchConfig) -> BenchConfig:
     if config.mode not in ("throughput", "latency"):
         raise LowformerError(f"unknown mode '{config.mode}': use throughput or latency")
     device = parse_device(config.device)
-    _at_least(config.jobs, 1, "--jobs", "give at least 1 process")
+    require_at_least(config.jobs, 1, "--jobs", "give at least 1 process")
     if config.batch_size is not None:
-        _at_least(config.batch_size, 1, "--batch-size", "give at least 1 (or leave it out for the mode's default)")
+        require_at_least(config.batch_size, 1, "--batch-size", "give at least 1 (or leave it out for the mode's default)")
     if not config.image_sizes:
         raise LowformerError("--image-size needs at least one size")
     for size in config.image_sizes:
-        _at_least(size, 1, "--image-size", "give a side of at least 1 pixel")
+        require_at_least(size, 1, "--image-size", "give a side of at least 1 pixel")
     if config.threads is not None:
         if not config.threads:
             raise LowformerError("--threads needs at least one count")
         for threads in config.threads:
-            _at_least(threads, 1, "--threads", "give at least 1 thread")
+            require_at_least(threads, 1, "--threads", "give at least 1 thread")
     if config.iterations is not None:
-        _at_least(config.iterations, 1, "--iterations", "time at least 1 pass (or leave it out to time for --min-time)")
-    _at_least(config.warmup, 0, "--warmup", "give 0 or more untimed passes")
-    _at_least(config.rounds, 1, "--rounds", "give at least 1 round")
-    _at_least(config.min_samples, 1, "--min-samples", "give at least 1 sample")
+        require_at_least(config.iterations, 1, "--iterations", "time at least 1 pass (or leave it out to time for --min-time)")
+    require_at_least(config.warmup, 0, "--warmup", "give 0 or more untimed passes")
+    require_at_least(config.rounds, 1, "--rounds", "give at least 1 round")
+    require_at_least(config.min_samples, 1, "--min-samples", "give at least 1 sample")
     if isinstance(config.min_run_time, bool) or not isinstance(config.min_run_time, (int, float)) \
             or not config.min_run_time > 0:
         raise LowformerError(f"--min-time {config.min_run_time!r} is out of range: give a positive number of seconds")

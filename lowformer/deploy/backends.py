@@ -271,7 +271,8 @@ def _cached_export(graph: nn.Module, reference: nn.Module, x: torch.Tensor, opti
 
 
 def _ort_runner(path: Path | bytes, x: torch.Tensor, threads: int, info: dict[str, Any]) -> Runner:
-    """A session with ``threads`` intra-op threads on ``x``: IO-bound on CUDA, numpy on the CPU."""
+    """A session with ``threads`` intra-op threads on ``x``: IO-bound on CUDA, numpy on the CPU. ``info`` names
+    the ONNX file without its folder, so records written to results carry no machine paths."""
     import numpy as np
 
     from lowformer.deploy.onnx import ort_session
@@ -292,14 +293,14 @@ def _ort_runner(path: Path | bytes, x: torch.Tensor, threads: int, info: dict[st
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
     path = _cached_export(model, model, x, options, "")
-    return _ort_runner(path, x, threads, {"onnx_file": str(path), "opset": options.opset})
+    return _ort_runner(path, x, threads, {"onnx_file": path.name, "opset": options.opset})
 
 
 def _onnxruntime_deploy(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
     from lowformer.deploy.onnx import portable_deploy
     path = _cached_export(portable_deploy(model.cpu(), x[:1].cpu()), model, x, options, "_deploy")
     model.to(x.device)
-    return _ort_runner(path, x, threads, {"onnx_file": str(path), "opset": options.opset})
+    return _ort_runner(path, x, threads, {"onnx_file": path.name, "opset": options.opset})
 
 
 def _onnxruntime_int8(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
