@@ -94,7 +94,7 @@ def assert_same_run(run: Path, ref: Path) -> None:
     for key in ("state_dict", "state_dict_ema"):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     assert (a["epoch"], a["best_val"], a["best_epoch"]) == (b["epoch"], b["best_val"], b["best_epoch"])
-    best_a, best_b = read_checkpoint(run / "checkpoint/model_best.pt"), read_checkpoint(ref / "checkpoint/model_best.pt")
+    best_a, best_b = (read_checkpoint(p / "checkpoint/model_best.pt") for p in (run, ref))
     assert best_a["epoch"] == best_b["epoch"] == a["best_epoch"]
     for name in ("evalmodel.pt", "evalmodel_final.pt"):
         ea, eb = read_checkpoint(run / "checkpoint" / name), read_checkpoint(ref / "checkpoint" / name)

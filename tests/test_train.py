@@ -397,3 +397,62 @@ def test_rank_check_compares_parameters_and_reports_buffers_apart(tmp_path):
     expected = max((replicas[0][k] - replicas[1][k]).abs().max().item() for k in replicas[0]
                    if replicas[0][k].is_floating_point())
     assert params == 0.0 and expected > 0 and buffers == pytest.approx(expected)
+
+
+def test_a_task_plugs_into_the_loop_with_its_own_config_section(tmp_path):
+    """A regression task (lower is better) with a registered config section: the loop trains it, picks the
+    best epoch by its metric's direction, writes its columns and publishes its weights."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from lowformer.train import LossOutput, Task, register_section
+    from lowformer.train.config import ConfigError
+
+    @dataclasses.dataclass(frozen=True)
+    class ToySection:
+        width: int = 3
+
+    register_section("toy_regression", ToySection)
+
+    class ToyTask(Task):
+        name, metric, higher_is_better, metric_names = "toy", "mse", False, ("mse",)
+
+        def data(self, n: int, seed: int) -> TensorDataset:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(n, self.cfg.section("toy_regression").width, generator=g)
+            return TensorDataset(x, x.sum(1, keepdim=True))
+
+        def build_model(self):
+            return torch.nn.Linear(self.cfg.section("toy_regression").width, 1)
+
+        def build_train_loader(self):
+            ds = self.data(16, 1)
+            return DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, num_replicas=1, rank=0, seed=self.seed))
+
+        def loss(self, model, batch, info):
+            x, y = batch
+            return LossOutput(F.mse_loss(model(x), y), len(x))
+
+        def validate(self, model, info):
+            x, y = self.data(8, 2).tensors
+            with torch.no_grad():
+                return {"mse": F.mse_loss(model(x), y).item()}
+
+    overrides = {"toy_regression": {"width": 5}, "ema_decay": 0.0, "backbone_drop": {"drop_prob": 0.0},
+                 "run_config": {"n_epochs": 3, "warmup_epochs": 0, "base_lr": 0.05, "optimizer_name": "sgd",
+                                "weight_decay": 0.0, "grad_clip": None},
+                 "data_provider": {"base_batch_size": 4}}
+    cfg = load_config("configs/cls/imagenet/b1.yaml", overrides)
+    assert cfg.section("toy_regression").width == 5
+    with pytest.raises(ConfigError, match="unknown config key 'toy_regression.depth'"):
+        load_config("configs/cls/imagenet/b1.yaml", {"toy_regression": {"depth": 2}})
+    summary = train(cfg, tmp_path / "run", task=ToyTask, progress=False)
+    rows = (tmp_path / "run/metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:5] == ["epoch", "lr", "train_loss", "val_mse", "best_mse"]
+    mse = [float(r.split(",")[3]) for r in rows[1:]]
+    assert summary["best_mse"] == pytest.approx(min(mse), abs=1e-6) and summary["best_epoch"] == mse.index(min(mse)) + 1
+    assert summary["final_mse"] == pytest.approx(mse[-1], abs=1e-6) and summary["task"] == "toy"
+    published = torch.load(tmp_path / "run/checkpoint/evalmodel.pt", weights_only=True)
+    assert published["weight"].shape == (1, 5)

@@ -7,7 +7,6 @@ only when ``log_wandb`` is set.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,6 @@ import torch
 
 
 __all__ = ["RunLogger"]
-
-_logger = logging.getLogger(__name__)
 
 
 class RunLogger:
