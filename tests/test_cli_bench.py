@@ -156,3 +156,13 @@ def test_profile_flag_aliases_and_ranges(capsys):
         assert main(["profile", TINY, *argv]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert words in line
+
+
+def test_bench_onnxruntime_deploy_thread_sweep_on_the_command_line(tmp_path):
+    out = tmp_path / "r.json"
+    assert main(["bench", TINY, "--backend", "onnxruntime-deploy", "--threads", "1", "2", "-b", "1", "--image-size",
+                 "32", "--iterations", "1", "--warmup", "0", "--onnx-cache", str(tmp_path / "cache"),
+                 "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["threads"], r["session_threads"]) for r in records] == [(1, 1), (2, 2)]
+    assert all("/" not in r["onnx_file"] for r in records)

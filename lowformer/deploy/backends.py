@@ -91,12 +91,18 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 
+def add_unique(table: dict[str, Any], name: str, item: Any, what: str) -> Any:
+    """``table[name] = item`` for the deploy layer's tables (backends, export formats); a name already taken is
+    refused, so a plug-in cannot silently replace a row."""
+    if name in table:
+        raise ValueError(f"{what} '{name}' is already registered")
+    table[name] = item
+    return item
+
+
 def register_backend(backend: Backend) -> Backend:
     """Add ``backend`` to the table; a name already taken is refused."""
-    if backend.name in BACKENDS:
-        raise ValueError(f"backend '{backend.name}' is already registered")
-    BACKENDS[backend.name] = backend
-    return backend
+    return add_unique(BACKENDS, backend.name, backend, "backend")
 
 
 def backend_names() -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from lowformer.deploy.backends import add_unique
 from lowformer.errors import LowformerError
 from lowformer.files import check_output_path
 
@@ -49,10 +50,7 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {}
 
 def register_export_format(fmt: ExportFormat) -> ExportFormat:
     """Add an export format; a name already taken is refused."""
-    if fmt.name in EXPORT_FORMATS:
-        raise ValueError(f"export format '{fmt.name}' is already registered")
-    EXPORT_FORMATS[fmt.name] = fmt
-    return fmt
+    return add_unique(EXPORT_FORMATS, fmt.name, fmt, "export format")
 
 
 def _write_onnx_format(request: ExportRequest) -> dict[str, Any]:
