@@ -126,6 +126,7 @@ def imagenet_eval(
     without it, class i is the i-th folder in sorted order. Returns ``top1``, ``top5`` (percent), ``loss``,
     ``images``, ``skipped``, ``model``, ``image_size``, ``crop_ratio``, ``interpolation``."""
     from timm.data import resolve_model_data_config
+
     from lowformer.models import create_model
     if isinstance(model, str):
         model = create_model(model)

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import lowformer
-from lowformer import CheckpointError
 from equivalence import assert_close_rule, case_input, fixture, original_state_dict
+from lowformer import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ def test_cpu_has_vnni_reads_the_cpu_flags(tmp_path):
 def test_reduce_range_quantizes_weights_to_seven_bits(tmp_path):
     import onnx
     from onnx import numpy_helper
+
     from lowformer.deploy.onnx import quantize_int8
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()

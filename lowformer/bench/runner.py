@@ -20,9 +20,9 @@ import torch
 from lowformer.bench.backends import BACKENDS, Prepared, check_amp, prepare
 from lowformer.bench.complexity import count_macs, count_params
 from lowformer.bench.featured import build_model
-from lowformer.models import resolve_model_name
 from lowformer.bench.timing import environment, measure, merge, summarize
 from lowformer.errors import LowformerError
+from lowformer.models import resolve_model_name
 
 __all__ = ["BenchConfig", "default_batch_size", "run_benchmark", "run_jobs"]
 

@@ -36,11 +36,22 @@ from lowformer.data.transforms import train_transform, val_transform
 from lowformer.errors import LowformerError
 from lowformer.evaluate import autocast_context, evaluate, reestimate_bn
 from lowformer.train.config import (
-    TrainConfig, config_to_dict, global_batch_size, peak_lr, total_epochs, warmup_and_total_steps,
+    TrainConfig,
+    config_to_dict,
+    global_batch_size,
+    peak_lr,
+    total_epochs,
+    warmup_and_total_steps,
 )
 from lowformer.train.distributed import DistContext, all_reduce_sum, broadcast_max_diff, init_distributed
 from lowformer.train.setup import (
-    DropPathSchedule, LowformerEma, build_criterion, build_mixup, build_model, build_optimizer, build_scheduler,
+    DropPathSchedule,
+    LowformerEma,
+    build_criterion,
+    build_mixup,
+    build_model,
+    build_optimizer,
+    build_scheduler,
 )
 
 __all__ = ["train", "TrainingDiverged", "AMP_MODES"]
