@@ -5,8 +5,9 @@ import argparse
 import json
 
 from lowformer.bench.complexity import model_complexity
+from lowformer.cli._args import positive_int
 from lowformer.errors import LowformerError
-from lowformer.models import list_models
+from lowformer.models import UnknownModelError, list_models, resolve_model_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="List the project's models with parameters and MACs (convs, linears "
                                           "and attention matmuls) at each family's paper resolution.")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'lowformer_*'")
-    p.add_argument("--image-size", type=int, default=None, help="count MACs at this square size instead")
+    p.add_argument("--image-size", type=positive_int, default=None, help="count MACs at this square size instead")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=run)
 
@@ -27,8 +28,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def matching_models(pattern: str) -> list[str]:
+    """The project's models matching the shell-style ``pattern``, or the model an alias names (the
+    original code's short names, e.g. ``mobilevigm``)."""
+    names = list_models(pattern)
+    if names:
+        return names
+    try:
+        return [resolve_model_name(pattern)]
+    except UnknownModelError:
+        return []
+
+
 def run(args: argparse.Namespace) -> int:
-    names = list_models(args.pattern)
+    names = matching_models(args.pattern)
     if not names:
         raise LowformerError(f"no model matches '{args.pattern}'; `lowformer models` lists them all")
     rows = [model_complexity(n, image_size=args.image_size) for n in names]

@@ -15,25 +15,21 @@ import torch
 from lowformer.bench.complexity import model_complexity
 from lowformer.bench.timing import environment, time_callable
 from lowformer.checkpoints import CheckpointError, find_pretrained_file
+from lowformer.cli._args import nonnegative_int, positive_int
 from lowformer.cli.models import format_table
 from lowformer.data import bundled_image, eval_transform, load_image
+from lowformer.hub import imagenet_class_names
 from lowformer.models import LOWFORMER_MODELS, create_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quickstart", help="tour on bundled defaults: model table, inference, timing")
     p.add_argument("--model", default="lowformer_b0", help="model to run on the bundled image")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for the timing")
-    p.add_argument("--train-epochs", type=int, default=3,
+    p.add_argument("--threads", type=positive_int, default=1, help="CPU threads for the timing")
+    p.add_argument("--train-epochs", type=nonnegative_int, default=3,
                    help="epochs of the bundled-CIFAR-10 training demo (0 skips it)")
     p.add_argument("--train-path", default=None, help="keep the demo's run directory here (default: a temporary one)")
     p.set_defaults(func=run)
-
-
-def _imagenet_names() -> list[str]:
-    from importlib import resources
-    text = (resources.files("lowformer") / "assets" / "imagenet_classes.tsv").read_text()
-    return [line.split("\t")[2] for line in text.splitlines() if line.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     x = eval_transform(model)(image).unsqueeze(0)
     with torch.inference_mode():
         probs = model(x).softmax(-1)[0]
-    names = _imagenet_names()
+    names = imagenet_class_names()
     top = probs.topk(3)
     print(f"\n== {args.model} on {bundled_image().name} (true class: tench), {source}")
     for p, i in zip(top.values.tolist(), top.indices.tolist()):

@@ -16,7 +16,7 @@ import timm
 import torch.nn as nn
 from timm.models import model_entrypoint
 
-from lowformer.checkpoints import CheckpointError, load_checkpoint, pretrained_weights
+from lowformer.checkpoints import CheckpointError, load_checkpoint, pretrained_weights, weights_dir
 from lowformer.errors import LowformerError
 
 __all__ = [
@@ -166,6 +166,7 @@ def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
         if isinstance(e, CheckpointError):
             raise
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        local = "" if name.startswith(_HUB_PREFIXES) else f", or put the file at {weights_dir() / name}.pth"
         raise CheckpointError(f"Could not get timm's published weights for '{name}' ({type(e).__name__}: {text}). "
-                              "Check the network or the Hugging Face cache (HF_HUB_OFFLINE=1 reads only the cache), "
-                              "or put the file in the local weights folder (see lowformer.weights_dir()).") from None
+                              f"Check the network or the Hugging Face cache (HF_HUB_OFFLINE=1 reads only the cache)"
+                              f"{local}.") from None
