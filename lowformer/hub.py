@@ -124,8 +124,12 @@ def save_pretrained(model_or_run: nn.Module | str | os.PathLike, out_dir: str | 
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LowformerError(f"--out '{out}' already exists and is not an empty folder; choose a new folder")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise LowformerError(f"--out '{out}': its parent folder does not exist or is not writable")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LowformerError(f"--out '{out}': cannot create its parent folder ({e.strerror})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise LowformerError(f"--out '{out}': its parent folder '{out.parent}' is not writable")
     model = model_or_run if isinstance(model_or_run, nn.Module) else load_run(model_or_run, checkpoint)
     cfg = model.pretrained_cfg
     data_config = {k: cfg[k] for k in _DATA_KEYS if cfg.get(k) is not None}
