@@ -180,3 +180,18 @@ def test_published_weights_missing_from_an_offline_cache_is_one_line(offline_hf_
 def test_local_dir_without_config_is_named(tmp_path):
     with pytest.raises(lowformer.LowformerError, match="no config.json"):
         lowformer.create_model(f"local-dir:{tmp_path}", pretrained=True)
+
+
+def test_timms_own_loaders_read_evalmodel_with_the_family_filter(run_dir):
+    """evalmodel.pt keeps the original layout; both ways the README gives load it into timm's model."""
+    import timm.models.lowformer as timm_lowformer
+    ours = load_run(run_dir)
+    path = str(run_dir / "checkpoint" / "evalmodel.pt")
+    by_loader = timm.create_model("lowformer_b0", num_classes=10).eval()
+    timm.models.load_checkpoint(by_loader, path, filter_fn=timm_lowformer.checkpoint_filter_fn)
+    by_overlay = timm.create_model("lowformer_b0", num_classes=10, pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=path, num_classes=10)).eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.inference_mode():
+        torch.testing.assert_close(by_loader(x), ours(x), rtol=0, atol=0)
+        torch.testing.assert_close(by_overlay(x), ours(x), rtol=0, atol=0)
