@@ -5,6 +5,7 @@ ALIASES is the one table of spellings: a subcommand's owner adds rows for its ow
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import timm
@@ -133,3 +134,9 @@ def test_zero_and_negative_values_are_refused_in_one_line(capsys, argv, flag):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and flag in err and "expected" in err
+
+
+def test_models_finds_the_original_name(capsys):
+    assert main(["models", "mobilevigm", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in rows] == ["mobilevig_m"] and rows[0]["params"] > 1e6

@@ -195,3 +195,29 @@ def test_timms_own_loaders_read_evalmodel_with_the_family_filter(run_dir):
     with torch.inference_mode():
         torch.testing.assert_close(by_loader(x), ours(x), rtol=0, atol=0)
         torch.testing.assert_close(by_overlay(x), ours(x), rtol=0, atol=0)
+
+
+def test_exported_folder_evaluates_like_the_run(run_dir, tmp_path):
+    """`local-dir:` works as a command's model name and carries the run's preprocessing and classes."""
+    out = tmp_path / "hf"
+    save_pretrained(run_dir, out)
+    common = ["-j", "0", "--device", "cpu", "--no-progress"]
+    assert main(["eval", "--run", str(run_dir), *common, "--out", str(tmp_path / "run.json")]) == 0
+    assert main(["eval", f"local-dir:{out}", "--pretrained", "--data", str(CIFAR / "val"), *common,
+                 "--out", str(tmp_path / "hf.json")]) == 0
+    run, hf = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("run", "hf"))
+    assert (hf["top1"], hf["top5"], hf["image_size"]) == (run["top1"], run["top5"], 48)
+
+
+def test_hf_export_of_a_model_and_checkpoint(tmp_path, capsys):
+    torch.manual_seed(3)
+    model = timm.create_model("test_efficientnet").eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "w.pt")
+    out = tmp_path / "hf"
+    assert main(["export", "test_efficientnet", "--checkpoint", str(tmp_path / "w.pt"), "--format", "hf",
+                 "--out", str(out)]) == 0
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(1, 3, 160, 160)
+    with torch.inference_mode():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+    assert reloaded.pretrained_cfg["input_size"] == model.pretrained_cfg["input_size"]

@@ -29,6 +29,7 @@ _ALIASES: dict[str, str] = {}
 _FEATURE_CLS: dict[str, type] = {}
 _DEFAULT_OUT_INDICES: dict[str, tuple[int, ...]] = {}
 _CFG_OVERLAYS: dict[str, dict[str, Any]] = {}
+_HUB_PREFIXES = ("hf-hub:", "local-dir:")
 
 
 class UnknownModelError(LowformerError, KeyError):
@@ -78,7 +79,11 @@ def list_models(pattern: str = "*") -> list[str]:
 def resolve_model_name(name: str) -> str:
     """Map an alias to its registry name and check that the model exists.
 
+    Hub names (``hf-hub:...``, ``local-dir:DIR``) are returned as they are, timm resolves them.
     Raises UnknownModelError with close matches and where to look."""
+    if name.startswith(_HUB_PREFIXES):
+        _check_local_dir(name)
+        return name
     name = _ALIASES.get(name, name)
     if timm.is_model(name):
         return name
@@ -139,21 +144,22 @@ def create_model(
     return model
 
 
-_HUB_PREFIXES = ("hf-hub:", "local-dir:")
-
-
 def _create_hub_model(name: str, pretrained: bool, checkpoint_path: str | os.PathLike | None,
                       **kwargs: Any) -> nn.Module:
     """timm resolves the architecture from the Hub repository's or folder's ``config.json``."""
+    _check_local_dir(name)
+    model = _timm_create(name, pretrained and checkpoint_path is None, **kwargs)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def _check_local_dir(name: str) -> None:
     if name.startswith("local-dir:"):
         folder = Path(name[len("local-dir:"):]).expanduser()
         if not (folder / "config.json").is_file():
             raise UnknownModelError(f"model '{name}': '{folder}' holds no config.json; `lowformer export --format hf "
                                     "--out DIR` writes such a folder")
-    model = _timm_create(name, pretrained and checkpoint_path is None, **kwargs)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path)
-    return model
 
 
 def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
