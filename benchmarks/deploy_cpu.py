@@ -165,7 +165,8 @@ def bench_config(name: str, batch: int, threads: int, backends: list[str], round
         }
         writer.writerow(row)
         _logger.info("%-14s %-20s b%-3d t%d %9s ms (cpu %s)  %s GFLOP/s (peak %.0f)  load %.1f-%.1f  %s", name, backend, batch,
-                     threads, row["median_ms"], row["cpu_ms_per_thread"], row["gflops"], peak, min(loads), max(loads), row["note"][:60])
+                     threads, row["median_ms"], row["cpu_ms_per_thread"], row["gflops"], peak, min(loads), max(loads),
+                     row["note"][:60])
 
 
 def accuracy(models: list[str], count: int, out: Path) -> None:
@@ -222,7 +223,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
     if args.accuracy:
-        accuracy(args.models or ["lowformer_b0", "lowformer_b1"], args.images, args.out or RESULTS / f"deploy_accuracy_{stamp}.csv")
+        accuracy(args.models or ["lowformer_b0", "lowformer_b1"], args.images,
+                 args.out or RESULTS / f"deploy_accuracy_{stamp}.csv")
         return 0
     models = args.models or (MODELS[:2] if args.quick else MODELS)
     batches = args.batches or ([1] if args.quick else [1, 16])

@@ -26,8 +26,8 @@ from lowformer.errors import LowformerError
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "extract_state_dict", "load_checkpoint",
-    "register_checkpoint_filter", "weights_dir", "find_pretrained_file", "register_original_layout",
-    "to_original_layout",
+    "register_checkpoint_filter", "weights_dir", "find_pretrained_file", "pretrained_weights",
+    "has_published_weights", "register_original_layout", "to_original_layout",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -90,33 +90,68 @@ def _checkpoint_filter(model: nn.Module) -> FilterFn | None:
 def read_checkpoint(path: str | os.PathLike) -> Any:
     """Read a checkpoint file without running code from it.
 
-    Raises CheckpointError for a missing, truncated or corrupt file, and for a pickle that holds
-    objects other than tensors, containers and the two allowed metadata types."""
+    Raises CheckpointError saying what the file is when it is not a checkpoint (a directory, a
+    safetensors file under another suffix, JSON or other bytes), for a truncated or corrupt file, and
+    for a pickle that holds objects other than tensors, containers and the two allowed metadata types."""
     path = Path(path)
+    if path.is_dir():
+        hint = (f"; it holds a timm/Hugging Face model folder, so use the model name 'local-dir:{path}'"
+                if (path / "config.json").is_file() else
+                ", e.g. checkpoint/evalmodel.pt inside a run directory")
+        raise CheckpointError(f"Checkpoint '{path}' is a directory, not a file. Pass the weights file itself{hint}.")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}': file not found")
-    if path.suffix == ".safetensors":
+        raise CheckpointError(f"Checkpoint '{path}' was not found (no such file).")
+    kind = _file_kind(path)
+    if path.suffix == ".safetensors" or kind == "safetensors":
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"Checkpoint '{path}' is a safetensors file; name it "
+                                  f"'{path.with_suffix('.safetensors').name}' so that it is read as one.")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint '{path}': not a readable safetensors file ({_first_line(e)})") from None
+            raise CheckpointError(f"Checkpoint '{path}' is not a readable safetensors file "
+                                  f"({_first_line(e)}).") from None
+    if kind not in ("zip", "pickle"):
+        raise CheckpointError(f"Checkpoint '{path}' is not a PyTorch checkpoint: it is {kind}, while torch.save "
+                              "writes a zip archive (or a pickle in the legacy format).")
     try:
         with torch.serialization.safe_globals(_SAFE_METADATA):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Weights only load failed" in msg:
-            found = re.search(r"GLOBAL ([\w.]*\w)", msg)
-            what = f"an object of type '{found.group(1)}'" if found else "objects that are not plain tensors"
+        found = re.search(r"GLOBAL ([\w.]*\w)", str(e))
+        if found:
             raise CheckpointError(
-                f"checkpoint '{path}': refused, it contains {what}; only tensors, containers, "
-                "argparse.Namespace and yacs CfgNode are loaded (nothing in it was executed)") from None
-        raise CheckpointError(f"checkpoint '{path}': truncated or corrupt ({_first_line(e)})") from None
+                f"Checkpoint '{path}' was refused: it contains an object of type '{found.group(1)}', and only "
+                "tensors, containers, argparse.Namespace and yacs CfgNode are loaded (nothing in it was executed).") from None
+        raise CheckpointError(f"Checkpoint '{path}' is truncated or corrupt ({_first_line(e)}).") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{path}': truncated or corrupt, not a PyTorch or safetensors file "
-                              f"({_first_line(e)})") from None
+        raise CheckpointError(f"Checkpoint '{path}' is a {kind} file but truncated or corrupt, so not a readable "
+                              f"PyTorch checkpoint ({_first_line(e)}).") from None
+
+
+def _file_kind(path: Path) -> str:
+    """What the first bytes say the file is: ``zip``, ``pickle``, ``safetensors`` or a description."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "pickle"
+    # safetensors: an 8-byte little-endian header length, then that many bytes of JSON.
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
+        return "safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON or text file"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "a file of unknown format"
 
 
 def _first_line(e: BaseException) -> str:
@@ -140,7 +175,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike = "<memory>") -> StateD
                 break
     if not _is_state_dict(obj):
         keys = list(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"checkpoint '{path}': no state dict of tensors found (top level: {keys})")
+        raise CheckpointError(f"Checkpoint '{path}' holds no state dict of tensors (top level: {keys}).")
     state_dict = dict(obj)
     if all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
@@ -166,8 +201,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
         try:
             state_dict = filter_fn(state_dict, model)
         except (KeyError, RuntimeError, ValueError, IndexError) as e:
-            raise CheckpointError(f"checkpoint '{path}': key layout not recognised for "
-                                  f"{_model_name(model)} ({_first_line(e)})") from None
+            raise CheckpointError(f"Checkpoint '{path}' has a key layout not recognised for "
+                                  f"{_model_name(model)} ({_first_line(e)}).") from None
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict and not _self_computed(k, own[k])]
     unexpected = [k for k in state_dict if k not in own]
@@ -181,7 +216,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, strict: bool = Tr
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {_examples(unexpected)})")
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatches (e.g. {_examples(mismatched, 2)})")
-        raise CheckpointError(f"checkpoint '{path}' does not fit {_model_name(model)}: " + "; ".join(parts)
+        raise CheckpointError(f"Checkpoint '{path}' does not fit {_model_name(model)}: " + "; ".join(parts)
                               + ". Is it a checkpoint of another variant or num_classes?")
     loadable = {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(loadable, strict=False)
@@ -210,12 +245,44 @@ def find_pretrained_file(model_name: str) -> Path:
     """Return the local weights file for ``model_name``; never downloads.
 
     Raises CheckpointError saying which file to put where when none is present."""
+    found = _local_pretrained_file(model_name)
+    if found is None:
+        raise CheckpointError(f"No pretrained weights for '{model_name}' in the weights folder: "
+                              f"{_where_to_put(model_name)}.")
+    return found
+
+
+def pretrained_weights(model_name: str) -> Path | None:
+    """Where ``pretrained=True`` takes the weights of ``model_name`` from: the local weights folder's
+    file when there is one, else None when timm publishes weights for it (timm then downloads them, or
+    reads them from the Hugging Face cache). Raises CheckpointError when neither has them."""
+    found = _local_pretrained_file(model_name)
+    if found is not None or has_published_weights(model_name):
+        return found
+    raise CheckpointError(f"No pretrained weights for '{model_name}': timm publishes none, so "
+                          f"{_where_to_put(model_name)}.")
+
+
+def has_published_weights(model_name: str) -> bool:
+    """Whether timm's registry names downloadable weights (a Hugging Face Hub repository or a URL)."""
+    from timm.models import get_pretrained_cfg
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except RuntimeError:
+        return False
+    return cfg is not None and bool(cfg.hf_hub_id or cfg.url)
+
+
+def _local_pretrained_file(model_name: str) -> Path | None:
     folder = weights_dir()
     for suffix in _WEIGHT_SUFFIXES:
         candidate = folder / f"{model_name}{suffix}"
         if candidate.is_file():
             return candidate
-    raise CheckpointError(
-        f"no pretrained weights for '{model_name}': put the checkpoint file at {folder / model_name}.pth "
-        f"(or {model_name}.safetensors; the original release files work as they are), or set LOWFORMER_WEIGHTS "
-        "to the folder that holds it. Nothing is downloaded.")
+    return None
+
+
+def _where_to_put(model_name: str) -> str:
+    folder = weights_dir()
+    return (f"put the checkpoint file at {folder / model_name}.pth (or {model_name}.safetensors; the original "
+            "release files work as they are), or set LOWFORMER_WEIGHTS to the folder that holds it")

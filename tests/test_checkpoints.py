@@ -7,13 +7,14 @@ import pickle
 import sys
 import types
 
+import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import lowformer
-from lowformer import CheckpointError
 from equivalence import assert_close_rule, case_input, fixture, original_state_dict
+from lowformer import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +162,13 @@ def test_no_tensors_in_file(tmp_path):
 
 def test_pretrained_reads_local_weights_folder(tmp_path, monkeypatch, b0_state):
     monkeypatch.setenv("LOWFORMER_WEIGHTS", str(tmp_path))
+    # timm publishes LowFormer-B0; with an empty offline Hugging Face cache it cannot be had either.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(CheckpointError) as e:
         lowformer.create_model("lowformer_b0", pretrained=True)
     msg = _one_line(e)
-    assert str(tmp_path / "lowformer_b0") in msg and "Nothing is downloaded" in msg
+    assert str(tmp_path / "lowformer_b0") in msg and "published weights" in msg
     torch.save(b0_state, tmp_path / "lowformer_b0.pth")
     model = lowformer.create_model("lowformer_b0", pretrained=True)
     torch.testing.assert_close(model.classifier.bias, b0_state["head.op_list.3.linear.bias"])
@@ -189,3 +193,51 @@ def test_plain_pickle_would_execute_payload(tmp_path):
     exploit.marker = marker
     pickle.loads(pickle.dumps(exploit))
     assert marker.exists()
+
+
+def test_no_weights_anywhere_names_the_file_to_put(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWFORMER_WEIGHTS", str(tmp_path))
+    with pytest.raises(CheckpointError) as e:
+        lowformer.create_model("edgevit_xxs", pretrained=True)
+    msg = _one_line(e)
+    assert "timm publishes none" in msg and str(tmp_path / "edgevit_xxs") in msg
+
+
+def _read_error(path) -> str:
+    with pytest.raises(CheckpointError) as e:
+        lowformer.read_checkpoint(path)
+    text = _one_line(e)
+    assert text.startswith("Checkpoint '") and text.endswith(".") and str(path) in text
+    assert "refused" not in text  # a file that is not a checkpoint is no security verdict
+    return text
+
+
+def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path):
+    path = tmp_path / "noise.pt"
+    path.write_bytes(bytes(range(7, 256)) * 40)
+    assert "is not a PyTorch checkpoint" in _read_error(path)
+
+
+def test_json_is_not_a_pytorch_checkpoint(tmp_path):
+    path = tmp_path / "config.pt"
+    path.write_text('{"architecture": "lowformer_b0"}')
+    assert "is not a PyTorch checkpoint: it is a JSON or text file" in _read_error(path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "is not a PyTorch checkpoint: it is an empty file" in _read_error(tmp_path / "empty.pt")
+
+
+def test_safetensors_under_another_name_says_so(tmp_path, b0_state):
+    path = tmp_path / "weights.pt"
+    save_file(b0_state, path)
+    assert "is a safetensors file; name it 'weights.safetensors'" in _read_error(path)
+    path.rename(tmp_path / "weights.safetensors")
+    assert set(lowformer.read_checkpoint(tmp_path / "weights.safetensors")) == set(b0_state)
+
+
+def test_directory_is_named_a_directory(tmp_path):
+    assert "is a directory, not a file" in _read_error(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    assert f"local-dir:{tmp_path}" in _read_error(tmp_path)

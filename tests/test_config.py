@@ -4,7 +4,13 @@ from __future__ import annotations
 import pytest
 
 from lowformer.train.config import (
-    ConfigError, global_batch_size, load_config, parse_overrides, peak_lr, resolve_config_path, total_epochs,
+    ConfigError,
+    global_batch_size,
+    load_config,
+    parse_overrides,
+    peak_lr,
+    resolve_config_path,
+    total_epochs,
 )
 
 

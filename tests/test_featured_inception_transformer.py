@@ -10,7 +10,10 @@ import torch.nn.functional as F
 import lowformer
 from featured_fixture import assert_reproduces_fixture, write_original_checkpoint
 from lowformer.models.featured.inception_transformer import (
-    InceptionTransformerStage, LowMixer, checkpoint_filter_fn, resize_pos_table,
+    InceptionTransformerStage,
+    LowMixer,
+    checkpoint_filter_fn,
+    resize_pos_table,
 )
 
 

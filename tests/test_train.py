@@ -99,7 +99,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     assert part["epochs"] == 1 and not part["finished"]
     resumed = train(cfg, tmp_path / "part", resume=True, progress=False)
     assert resumed["epochs"] == 2 and resumed["finished"]
-    a, b = read_checkpoint(tmp_path / "full/checkpoint/checkpoint.pt"), read_checkpoint(tmp_path / "part/checkpoint/checkpoint.pt")
+    a = read_checkpoint(tmp_path / "full/checkpoint/checkpoint.pt")
+    b = read_checkpoint(tmp_path / "part/checkpoint/checkpoint.pt")
     for key in ("state_dict", "ema"):
         sa = a[key] if key == "state_dict" else a[key][0.9998]
         sb = b[key] if key == "state_dict" else b[key][0.9998]
@@ -220,8 +221,8 @@ def test_weight_decay_rule_sees_the_original_names_of_lowformer():
 @pytest.mark.parametrize("variant", ["lowformer_b0", "lowformer_b3", "lowformer_e1", "lowformer_e3"])
 def test_evalmodel_files_use_the_original_key_layout(variant):
     import lowformer
-    from lowformer.checkpoints import _checkpoint_filter, to_original_layout
     from equivalence import FIXTURES
+    from lowformer.checkpoints import _checkpoint_filter, to_original_layout
     from refweights import read_manifest
     with torch.device("meta"):
         model = lowformer.create_model(variant)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lowformer.errors import LowformerError
+from lowformer.models import create_model
 from lowformer.deploy.export import EXPORT_FORMATS, PRECISIONS, export_model
 from lowformer.deploy.onnx import INT8_MIN_COSINE, OPSET
 
@@ -16,8 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a model to a verified ONNX file",
                               description="Export a model to ONNX (dynamic batch), check ONNX Runtime's outputs "
                                           "against PyTorch, optionally deploy-rewritten and int8-quantized.")
-    p.add_argument("model", help="model name, e.g. lowformer_b1")
-    p.add_argument("--format", choices=list(EXPORT_FORMATS), default="onnx", help="export format (default onnx)")
+    p.add_argument("model", nargs="?", default=None, help="model name, e.g. lowformer_b1 (not with --run)")
+    p.add_argument("--format", choices=[*EXPORT_FORMATS, "hf"], default="onnx",
+                   help="export format (default onnx); hf: a timm/Hugging Face folder (config.json + "
+                        "model.safetensors) for timm.create_model('local-dir:DIR', pretrained=True)")
+    p.add_argument("--run", type=Path, default=None, metavar="RUN_DIR",
+                   help="--format hf: export a `lowformer train` run (its model, classes, preprocessing)")
     p.add_argument("--deploy", action="store_true",
                    help="export the deploy graph (BatchNorm and GroupNorm affine folded, transposed convs as convs)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
@@ -38,7 +44,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from lowformer.hub import save_pretrained
+    if (args.run is None) == (args.model is None):
+        raise LowformerError("--format hf exports either MODEL [--checkpoint FILE] or --run RUN_DIR; give one")
+    source = args.run if args.run is not None else create_model(args.model, checkpoint_path=args.checkpoint)
+    out = save_pretrained(source, args.out, checkpoint=args.checkpoint if args.run is not None else None)
+    print(f"wrote {out}/config.json and model.safetensors; load with timm.create_model('local-dir:{out}', "
+          "pretrained=True)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        return _export_hf(args)
+    if args.model is None or args.run is not None:
+        raise LowformerError(f"--format {args.format} exports a MODEL name (--run is for --format hf)")
     r = export_model(args.model, args.out, format=args.format, precision=args.precision, deploy=args.deploy,
                      checkpoint=args.checkpoint, image_size=args.image_size, calibration=args.calibration,
                      calibration_count=args.calibration_count, min_cosine=args.min_cosine, opset=args.opset,

@@ -5,8 +5,10 @@ import argparse
 import json
 
 from lowformer.bench.complexity import model_complexity
+from lowformer.cli._args import positive_int
 from lowformer.errors import LowformerError
-from lowformer.models import list_models
+from lowformer.models import UnknownModelError, list_models, resolve_model_name
+from lowformer.quickstart import format_model_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,23 +16,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="List the project's models with parameters and MACs (convs, linears "
                                           "and attention matmuls) at each family's paper resolution.")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'lowformer_*'")
-    p.add_argument("--image-size", type=int, default=None, help="count MACs at this square size instead")
+    p.add_argument("--image-size", type=positive_int, default=None, help="count MACs at this square size instead")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=run)
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'model':<32} {'params (M)':>10} {'MACs (M)':>10} {'resolution':>10}"]
-    for r in rows:
-        lines.append(f"{r['model']:<32} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>10.1f} "
-                     f"{r['image_size']:>6}x{r['image_size']:<3}")
-    return "\n".join(lines)
+def matching_models(pattern: str) -> list[str]:
+    """The project's models matching the shell-style ``pattern``, or the model an alias names (the
+    original code's short names, e.g. ``mobilevigm``)."""
+    names = list_models(pattern)
+    if names:
+        return names
+    try:
+        return [resolve_model_name(pattern)]
+    except UnknownModelError:
+        return []
 
 
 def run(args: argparse.Namespace) -> int:
-    names = list_models(args.pattern)
+    names = matching_models(args.pattern)
     if not names:
         raise LowformerError(f"no model matches '{args.pattern}'; `lowformer models` lists them all")
     rows = [model_complexity(n, image_size=args.image_size) for n in names]
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    print(json.dumps(rows, indent=1) if args.json else format_model_table(rows))
     return 0

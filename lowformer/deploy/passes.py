@@ -210,7 +210,8 @@ def conv_add(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         other = user.args[1] if user.args[0] is node else user.args[0]
         out_meta, other_meta = node.meta.get("tensor_meta"), getattr(other, "meta", {}).get("tensor_meta")
-        if other is node or not isinstance(other, fx.Node) or order[other] > order[node] or out_meta is None or other_meta is None or out_meta.shape != other_meta.shape:
+        if (other is node or not isinstance(other, fx.Node) or order[other] > order[node] or out_meta is None
+                or other_meta is None or out_meta.shape != other_meta.shape):
             continue
         replace_module(gm, node, conv.with_residual())
         node.args = (node.args[0], other)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch.nn as nn
 from timm.models import model_entrypoint
 
-from lowformer.checkpoints import find_pretrained_file, load_checkpoint
+from lowformer.checkpoints import CheckpointError, load_checkpoint, pretrained_weights, weights_dir
 from lowformer.errors import LowformerError
 
 __all__ = [
@@ -28,6 +29,7 @@ _ALIASES: dict[str, str] = {}
 _FEATURE_CLS: dict[str, type] = {}
 _DEFAULT_OUT_INDICES: dict[str, tuple[int, ...]] = {}
 _CFG_OVERLAYS: dict[str, dict[str, Any]] = {}
+_HUB_PREFIXES = ("hf-hub:", "local-dir:")
 
 
 class UnknownModelError(LowformerError, KeyError):
@@ -77,7 +79,11 @@ def list_models(pattern: str = "*") -> list[str]:
 def resolve_model_name(name: str) -> str:
     """Map an alias to its registry name and check that the model exists.
 
+    Hub names (``hf-hub:...``, ``local-dir:DIR``) are returned as they are, timm resolves them.
     Raises UnknownModelError with close matches and where to look."""
+    if name.startswith(_HUB_PREFIXES):
+        _check_local_dir(name)
+        return name
     name = _ALIASES.get(name, name)
     if timm.is_model(name):
         return name
@@ -95,18 +101,28 @@ def create_model(
         checkpoint_path: str | os.PathLike | None = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """Build a project or timm model, optionally with weights from a local file.
+    """Build a project or timm model, optionally with weights.
 
     Args:
-        name: registry name (``lowformer_b1``), an alias of the original code (``mobileones1``) or any timm name.
-        pretrained: load ``<weights dir>/<name>.{safetensors,pth,...}`` (see ``lowformer.weights_dir``);
-            fails with a message naming the file when it is absent. Nothing is ever downloaded.
+        name: registry name (``lowformer_b1``), an alias of the original code (``mobileones1``), any timm
+            name, or a timm Hub name: ``hf-hub:timm/lowformer_b0.in1k`` or ``local-dir:DIR`` (a folder with
+            ``config.json`` and ``model.safetensors``, as ``lowformer.hub.save_pretrained`` writes it).
+        pretrained: the local weights folder's ``<name>.{safetensors,pth,...}`` when present (see
+            ``lowformer.weights_dir``), else timm's published weights where timm has them (downloaded once
+            into the Hugging Face cache); fails with a message naming the file when neither exists. For
+            Hub names, the Hub repository's or folder's weights.
         checkpoint_path: our checkpoints, timm's, safetensors, or the original repositories' files as they
             are; loaded strictly through the family's key filter.
         **kwargs: model arguments (``num_classes``, ``drop_path_rate``, ``features_only``, ``out_indices``...).
     """
+    if name.startswith(_HUB_PREFIXES):
+        return _create_hub_model(name, pretrained, checkpoint_path, **kwargs)
     name = resolve_model_name(name)
-    weights = checkpoint_path if checkpoint_path is not None else (find_pretrained_file(name) if pretrained else None)
+    weights = checkpoint_path
+    published = False
+    if weights is None and pretrained:
+        weights = pretrained_weights(name)
+        published = weights is None
     overlay = {**_CFG_OVERLAYS.get(name, {}), **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
     if overlay:
         kwargs["pretrained_cfg_overlay"] = overlay
@@ -115,14 +131,48 @@ def create_model(
             kwargs.setdefault("feature_cls", _FEATURE_CLS[name])
             kwargs.setdefault("out_indices", _DEFAULT_OUT_INDICES[name])
         if weights is None:
-            return timm.create_model(name, pretrained=False, **kwargs)
+            return _timm_create(name, published, **kwargs)
         # Load the whole classifier strictly, then let timm cut the feature extractor out of it.
         feature_args = {k: kwargs.pop(k) for k in ("features_only", "out_indices", "feature_cls")
                         if k in kwargs}
         full = load_checkpoint(timm.create_model(name, pretrained=False, **kwargs), weights)
         overlay = dict(kwargs.pop("pretrained_cfg_overlay", {}), state_dict=full.state_dict())
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs, **feature_args)
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = _timm_create(name, published, **kwargs)
     if weights is not None:
         load_checkpoint(model, weights)
     return model
+
+
+def _create_hub_model(name: str, pretrained: bool, checkpoint_path: str | os.PathLike | None,
+                      **kwargs: Any) -> nn.Module:
+    """timm resolves the architecture from the Hub repository's or folder's ``config.json``."""
+    _check_local_dir(name)
+    model = _timm_create(name, pretrained and checkpoint_path is None, **kwargs)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+def _check_local_dir(name: str) -> None:
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise UnknownModelError(f"model '{name}': '{folder}' holds no config.json; `lowformer export --format hf "
+                                    "--out DIR` writes such a folder")
+
+
+def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``, with a failed download or missing Hub file as one CheckpointError line."""
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        local = "" if name.startswith(_HUB_PREFIXES) else f", or put the file at {weights_dir() / name}.pth"
+        raise CheckpointError(f"Could not get timm's published weights for '{name}' ({type(e).__name__}: {text}). "
+                              f"Check the network or the Hugging Face cache (HF_HUB_OFFLINE=1 reads only the cache)"
+                              f"{local}.") from None

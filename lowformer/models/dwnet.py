@@ -35,8 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    BatchNormAct2d, ClassifierHead, ConvMlp, ConvNormAct, DropPath, LayerNorm2d, PatchEmbed,
-    calculate_drop_path_rates, trunc_normal_,
+    BatchNormAct2d,
+    ClassifierHead,
+    ConvMlp,
+    ConvNormAct,
+    DropPath,
+    LayerNorm2d,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices

@@ -28,11 +28,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (
-    ClassifierHead, ConvNormAct, DropPath, Mlp, calculate_drop_path_rates, register_notrace_module, trunc_normal_,
+    ClassifierHead,
+    ConvNormAct,
+    DropPath,
+    Mlp,
+    calculate_drop_path_rates,
+    register_notrace_module,
+    trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._efficientnet_blocks import InvertedResidual
+from timm.models._features import feature_take_indices
 
 from lowformer.data.images import BGR_INPUT_NOTE
 

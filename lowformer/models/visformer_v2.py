@@ -37,7 +37,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    DropPath, PatchEmbed, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple, trunc_normal_,
+    DropPath,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    create_classifier,
+    get_device_dtype,
+    to_2tuple,
+    trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices

@@ -26,8 +26,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (
-    DropPath, LayerNorm2d, LayerScale, Mlp, calculate_drop_path_rates, register_notrace_function,
-    register_notrace_module, resample_abs_pos_embed_nhwc, to_2tuple, trunc_normal_, use_fused_attn,
+    DropPath,
+    LayerNorm2d,
+    LayerScale,
+    Mlp,
+    calculate_drop_path_rates,
+    register_notrace_function,
+    register_notrace_module,
+    resample_abs_pos_embed_nhwc,
+    to_2tuple,
+    trunc_normal_,
+    use_fused_attn,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 

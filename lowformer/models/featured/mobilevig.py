@@ -23,7 +23,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 from timm.layers import (
-    BatchNormAct2d, ConvNormAct, DropPath, LayerScale2d, calculate_drop_path_rates,
+    BatchNormAct2d,
+    ConvNormAct,
+    DropPath,
+    LayerScale2d,
+    calculate_drop_path_rates,
     trunc_normal_,
 )
 from timm.layers._fx import register_notrace_module
