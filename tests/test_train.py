@@ -369,6 +369,7 @@ def test_train_flags_take_dashes_and_underscores(tokens, dest, value):
 
 def _rank_diff_worker(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
+
     from lowformer.train.distributed import DistContext, rank_max_diff
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     torch.manual_seed(0)

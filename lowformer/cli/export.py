@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowformer.errors import LowformerError
-from lowformer.models import create_model
 from lowformer.deploy.export import EXPORT_FORMATS, PRECISIONS, export_model
 from lowformer.deploy.onnx import INT8_MIN_COSINE, OPSET
+from lowformer.errors import LowformerError
+from lowformer.models import create_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
