@@ -58,9 +58,8 @@ register_project_models(_FEATURED_TIMM_MODELS)
 def build_model(name: str, deploy: bool = True, seed: int = 0) -> nn.Module:
     """The model ``name`` in eval mode for timing, with seeded random weights.
 
-    ``deploy`` applies timm's ``reparameterize_model`` walk (as :func:`lowformer.deploy.reparameterize`, which
-    calls ``fuse`` only where it is a method: EdgeFormer has a submodule named ``fuse``), folding the multi-branch
-    blocks of the families that declare ``reparameterize()`` / ``fuse()`` (FastViT, MobileOne, RepViT, SHViT,
+    ``deploy`` applies timm's ``reparameterize_model`` walk (through :func:`lowformer.deploy.reparameterize`),
+    folding the multi-branch blocks of the families that declare ``reparameterize()`` / ``fuse()`` (FastViT, MobileOne, RepViT, SHViT,
     EfficientViT-M) and leaving the others unchanged, so every family is timed in the form it is deployed in."""
     from lowformer.deploy import reparameterize
     registry_name = resolve_model_name(name)
