@@ -2,6 +2,7 @@
 ``timm.create_model`` knows them too."""
 from lowformer.models import dwnet, edgeformer, featured  # noqa: F401  (importing registers the families)
 from lowformer.models._registry import (
+    DuplicateRegistrationError,
     UnknownModelError,
     create_model,
     list_models,
@@ -24,7 +25,8 @@ from lowformer.models.lowformer import (
 from lowformer.models.visformer import VISFORMER_MODELS
 
 __all__ = [
-    "UnknownModelError", "create_model", "list_models", "register_aliases", "register_feature_cls",
+    "DuplicateRegistrationError", "UnknownModelError", "create_model", "list_models", "register_aliases",
+    "register_feature_cls",
     "register_pretrained_cfg_overlay", "register_project_models", "resolve_model_name", "LOWFORMER_MODELS",
     "VISFORMER_MODELS",
     "get_lowformer_b0", "get_lowformer_b1", "get_lowformer_b15", "get_lowformer_b3",

@@ -26,6 +26,7 @@ import torch.nn as nn
 from timm.layers import ConvMlp, DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import featured_cfg
 from lowformer.models.featured._pyramid import PyramidClassifier, Stage, map_self_attention
@@ -117,8 +118,9 @@ class GlobalSparseAttn(nn.Module):
         if r > 1:
             # the original samples with AvgPool2d(kernel 1, stride r), i.e. every r-th pixel
             x = x[:, :, ::r, ::r]
-        h, w = x.shape[2:]
-        x = map_self_attention(x, self.qkv, self.num_heads, self.fused_attn, self.attn_drop)
+        h, w = x.shape[2], x.shape[3]
+        x = map_self_attention(self.qkv(x.flatten(2).transpose(1, 2)), self.num_heads, self.fused_attn,
+                               self.attn_drop.p if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, h * w, C)
         if r > 1:
             x = x.transpose(1, 2).reshape(B, C, h, w)
@@ -298,6 +300,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_edgevit(variant: str, pretrained: bool = False, **kwargs: Any) -> EdgeVit:
+    check_output_stride("EdgeViT", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         EdgeVit, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

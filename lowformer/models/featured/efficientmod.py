@@ -16,7 +16,6 @@ Re-implemented for lowformer in timm's layout. Stages take and return NCHW maps 
 pooling work as for any CNN); inside a stage the blocks run channels-last with ``Linear`` pointwise layers,
 as the original does. No BatchNorm, nothing to re-parameterise.
 """
-from __future__ import annotations
 
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ from timm.layers import Attention, DropPath, LayerNorm2d, LayerScale, calculate_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import StagedNet, featured_cfg
 
@@ -238,6 +238,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_efficientmod(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientMod:
+    check_output_stride("EfficientMod", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         EfficientMod, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -18,7 +18,6 @@ inference through ``reparameterize()`` on the blocks (``timm.utils.reparameteriz
 BN -> 1x1 conv + identity one 1x1 conv. FFNet-3/4 use layer scale, which the vendored original fails to
 build (it assigns a plain tensor over the parameter); here it is a parameter, as the original intends.
 """
-from __future__ import annotations
 
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ from timm.layers import DropPath, LayerScale2d, calculate_drop_path_rates, trunc
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import StagedNet, featured_cfg, rename_prefix
 
@@ -319,6 +319,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_ffnet(variant: str, pretrained: bool = False, **kwargs: Any) -> FFNet:
+    check_output_stride("FFNet", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         FFNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
