@@ -234,8 +234,8 @@ def create_detector(
     body = DenseBackbone(backbone, strides=cfg.strides, checkpoint_path=checkpoint_path, pretrained=pretrained,
                          frozen_stages=frozen_stages, freeze_bn=freeze_bn, **cfg.backbone_kwargs)
     pcfg = getattr(body.body, "pretrained_cfg", {}) or {}
-    common = dict(image_mean=list(pcfg.get("mean", (0.485, 0.456, 0.406))),
-                  image_std=list(pcfg.get("std", (0.229, 0.224, 0.225))), _skip_resize=True)
+    common = {"image_mean": list(pcfg.get("mean", (0.485, 0.456, 0.406))),
+                  "image_std": list(pcfg.get("std", (0.229, 0.224, 0.225))), "_skip_resize": True}
     model = _build(arch, body, num_classes, cfg, common)
     return Detector(model, arch, backbone, num_classes, cfg)
 
@@ -263,7 +263,7 @@ def _build(arch: str, body: DenseBackbone, num_classes: int, cfg: DetectorConfig
     neck = BackboneWithFPN(body, ch, extra)
     strides = list(body.strides) + [body.strides[-1] * 2 ** (i + 1) for i in range(cfg.extra_levels)]
     levels = len(strides)
-    size = dict(min_size=cfg.min_size, max_size=cfg.max_size)
+    size = {"min_size": cfg.min_size, "max_size": cfg.max_size}
     if arch == "retinanet":
         anchors = AnchorGenerator(_anchor_sizes(cfg, strides), (cfg.aspect_ratios,) * levels)
         head = RetinaNetHead(ch, anchors.num_anchors_per_location()[0], num_classes, norm_layer=_norm(cfg.head_norm))
@@ -280,11 +280,11 @@ def _build(arch: str, body: DenseBackbone, num_classes: int, cfg: DetectorConfig
         _trim_head_convs(model.head, cfg.head_convs)
         return model
     anchors = AnchorGenerator(tuple((cfg.anchor_scale * s,) for s in strides), (cfg.aspect_ratios,) * levels)
-    kwargs: dict[str, Any] = dict(
-        rpn_anchor_generator=anchors, rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train,
-        rpn_post_nms_top_n_train=cfg.rpn_post_nms_train, rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_test,
-        rpn_post_nms_top_n_test=cfg.rpn_post_nms_test, box_score_thresh=cfg.score_thresh,
-        box_nms_thresh=cfg.nms_thresh, box_detections_per_img=cfg.detections_per_img)
+    kwargs: dict[str, Any] = {
+        "rpn_anchor_generator": anchors, "rpn_pre_nms_top_n_train": cfg.rpn_pre_nms_train,
+        "rpn_post_nms_top_n_train": cfg.rpn_post_nms_train, "rpn_pre_nms_top_n_test": cfg.rpn_pre_nms_test,
+        "rpn_post_nms_top_n_test": cfg.rpn_post_nms_test, "box_score_thresh": cfg.score_thresh,
+        "box_nms_thresh": cfg.nms_thresh, "box_detections_per_img": cfg.detections_per_img}
     if cfg.box_head == "4conv1fc":
         kwargs["box_head"] = FastRCNNConvFCHead((ch, 7, 7), [ch] * 4, [1024], norm_layer=nn.BatchNorm2d)
     elif cfg.box_head != "2fc":
