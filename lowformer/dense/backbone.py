@@ -84,6 +84,8 @@ class DenseBackbone(nn.Module):
                     f"backbone '{name}' has no feature map at stride {missing}; its maps are at strides "
                     f"{sorted(set(have))} (pass strides= from those, or out_indices=)")
             out_indices = [index[s] for s in strides]
+        if checkpoint_path is not None and "num_classes" not in kwargs:
+            kwargs["num_classes"] = _classifier_size(name, checkpoint_path, kwargs)
         self.body = create_model(name, features_only=True, out_indices=tuple(out_indices),
                                  checkpoint_path=checkpoint_path, pretrained=pretrained, **kwargs)
         self.out_channels: list[int] = list(self.body.feature_info.channels())
@@ -119,6 +121,31 @@ class DenseBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         return OrderedDict((str(i), f) for i, f in enumerate(self.body(x)))
+
+
+def _classifier_size(name: str, path: str | os.PathLike, kwargs: dict[str, Any]) -> int:
+    """The class count of the classifier stored in ``path`` (a CIFAR-10 classifier initialises a detector
+    backbone as well as an ImageNet one): the output size of the checkpoint's classifier weight."""
+    from lowformer.checkpoints import (
+        _checkpoint_filter,
+        extract_state_dict,
+        read_checkpoint,
+    )
+    model = create_model(name, **kwargs)
+    state = extract_state_dict(read_checkpoint(path), path)
+    filter_fn = _checkpoint_filter(model)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except (KeyError, RuntimeError, ValueError, IndexError):
+            return model.num_classes  # load_checkpoint reports the layout problem in its own words
+    own = dict(model.named_parameters())
+    classifier = model.get_classifier()
+    for pname, p in own.items():
+        if classifier is not None and any(p is q for q in classifier.parameters()) and pname in state \
+                and p.dim() >= 2:
+            return int(state[pname].shape[0])
+    return model.num_classes
 
 
 def _in_module(param_name: str, module: str) -> bool:

@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from lowformer.errors import LowformerError
 
-__all__ = ["CocoDetectionData", "DetectionDataError", "collate", "find_split", "train_transforms", "eval_transforms"]
+__all__ = ["CocoDetectionData", "DetectionDataError", "collate", "eval_transforms", "find_split", "train_transforms"]
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class _quiet:
         self._cm = contextlib.redirect_stdout(io.StringIO())
         self._cm.__enter__()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._cm.__exit__(*exc)
 
 

@@ -71,9 +71,11 @@ def coco_metrics(coco_gt: Any, results: list[dict[str, Any]], iou_types: tuple[s
 @torch.no_grad()
 def evaluate_detector(model: torch.nn.Module, dataset: CocoDetectionData, batch_size: int = 8,
                       device: torch.device | str = "cpu", num_workers: int = 0,
-                      indices: list[int] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      indices: list[int] | None = None, world_size: int = 1,
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run ``model`` (a :class:`lowformer.detection.Detector`) over ``dataset`` (or its ``indices``) and score
-    it. Returns (metrics with ``images``, COCO results)."""
+    it. Under torchrun each rank passes its share of ``indices`` and every rank gets the metrics of all.
+    Returns (metrics with ``images``, COCO results)."""
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices)
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate,
                                          num_workers=num_workers)
@@ -87,6 +89,12 @@ def evaluate_detector(model: torch.nn.Module, dataset: CocoDetectionData, batch_
         ids += batch_ids
         results += detections_to_coco(outputs, batch_ids, dataset.cat_ids, masks=masks)
     model.train(was_training)
+    if world_size > 1:
+        import torch.distributed as dist
+        gathered: list[Any] = [None] * world_size
+        dist.all_gather_object(gathered, (ids, results))
+        ids = [i for g in gathered for i in g[0]]
+        results = [r for g in gathered for r in g[1]]
     iou_types = ("bbox", "segm") if masks else ("bbox",)
     metrics = {"images": len(ids), **coco_metrics(dataset.coco, results, iou_types, image_ids=ids)}
     return metrics, results

@@ -170,6 +170,8 @@ class Detector(nn.Module):
         self.arch = arch
         self.backbone_name = backbone
         self.num_classes = num_classes
+        # Stored with the weights, so a run's evalmodel.pt says which head to rebuild.
+        self.register_buffer("class_count", torch.tensor(num_classes), persistent=True)
         self.cfg = cfg
         # Softmax heads (R-CNN boxes, SSD) reserve index 0 for background; sigmoid heads do not.
         self.label_offset = 0 if arch in ("retinanet", "fcos") else 1
