@@ -282,3 +282,82 @@ def test_perfect_detections_score_100(tmp_path):
                for a in gt.dataset["annotations"]]
     m = coco_metrics(gt, results)
     assert m["bbox_map"] == 100.0 and m["bbox_map_50"] == 100.0
+
+
+@pytest.mark.parametrize("arch, backbone", [("mask_rcnn", "visformer_tiny_v2"), ("retinanet", "visformer_tiny")])
+def test_visformer_with_detection_windows_in_a_detector(arch, backbone):
+    _train_step_and_predict(arch, backbone, strides=(8, 16, 32), backbone_kwargs={"window_size": (14, 7)})
+
+
+# --- the detection task on the trainer -------------------------------------------------------------------
+
+def _tiny_recipe(data: Path, **run_config):
+    import lowformer.detection.task  # noqa: F401  (registers the task)
+    from lowformer.train import load_config
+    return load_config("configs/det/composite_retinanet_b0.yaml", {
+        "data_provider": {"data_dir": str(data), "base_batch_size": 2, "n_worker": 0},
+        "run_config": {"n_epochs": 2, "warmup_epochs": 0, **run_config},
+        "detection": {"train_min_size": 64, "train_max_size": 64, "val_images": None, "eval_batch_size": 2,
+                      "settings": {"min_size": 64, "max_size": 96, "fpn_channels": 32}},
+    })
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """An uninterrupted 2-epoch run and one stopped after epoch 1 then resumed."""
+    from lowformer.train import train
+    root = tmp_path_factory.mktemp("det")
+    make_coco(root / "data", "train", n=4)
+    make_coco(root / "data", "val", n=2)
+    cfg = _tiny_recipe(root / "data")
+    full = train(cfg, root / "full", progress=False)
+    part = train(cfg, root / "part", progress=False, stop_after_epochs=1)
+    resumed = train(cfg, root / "part", resume=True, progress=False)
+    return root, full, part, resumed
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_runs):
+    from lowformer.checkpoints import read_checkpoint
+    root, full, part, resumed = tiny_runs
+    assert full["finished"] and not part["finished"] and resumed["finished"] and resumed["epochs"] == 2
+    a = read_checkpoint(root / "full/checkpoint/checkpoint.pt")
+    b = read_checkpoint(root / "part/checkpoint/checkpoint.pt")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    ema_a, ema_b = next(iter(a["ema"].values())), next(iter(b["ema"].values()))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    rows = (root / "full/metrics.csv").read_text().splitlines()
+    assert "val_bbox_map" in rows[0] and len(rows) == 3
+    resumed_rows = (root / "part/metrics.csv").read_text().splitlines()
+    assert [r.split(",")[:1] for r in resumed_rows] == [r.split(",")[:1] for r in rows]
+
+
+def test_det_eval_and_predict_commands(tiny_runs, capsys):
+    from lowformer.cli import main
+    root = tiny_runs[0]
+    out = root / "eval.json"
+    assert main(["det", "eval", "--run", str(root / "full"), "--data", str(root / "data"), "--split", "val",
+                 "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["images"] == 2 and 0 <= metrics["bbox_map"] <= metrics["bbox_map_50"] <= 100
+    assert set(metrics["bbox_per_class"]) == {"cat", "dog"}
+    assert "per-class AP" in capsys.readouterr().out
+    png = root / "boxes.png"
+    image = root / "data/images/val/val_000.jpg"
+    assert main(["det", "predict", str(image), "--run", str(root / "full"), "--out", str(png), "--score", "0"]) == 0
+    drawn = np.asarray(Image.open(png))
+    assert drawn.shape == (64, 96, 3) and not np.array_equal(drawn, np.asarray(Image.open(image)))
+
+
+def test_eval_with_classes_outside_the_model_is_one_line(tiny_runs, capsys):
+    from lowformer.cli import main
+    root = tiny_runs[0]
+    other = root / "other"
+    ann = make_coco(other, "val", n=2)
+    data = json.loads(ann.read_text())
+    data["categories"].append({"id": 9, "name": "bird"})
+    data["annotations"][0]["category_id"] = 9
+    ann.write_text(json.dumps(data))
+    assert main(["det", "eval", "--run", str(root / "full"), "--data", str(other), "--split", "val"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "3 categories but the run's detector has 2 classes" in err and "\n" not in err

@@ -33,7 +33,10 @@ def _all_taps(name: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     """Every feature map the model can return (``feature_info`` over all taps), cached per name/arguments."""
     key = (name, tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
     if key not in _TAPS:
-        probe = create_model(name, features_only=True, **kwargs)
+        # The probe must not draw from the global RNG: the real model's initial weights would then
+        # depend on whether this process had built the probe before (seeded runs must be repeatable).
+        with torch.random.fork_rng():
+            probe = create_model(name, features_only=True, **kwargs)
         _TAPS[key] = [dict(d) for d in probe.feature_info.info]
     return _TAPS[key]
 
@@ -131,7 +134,8 @@ def _classifier_size(name: str, path: str | os.PathLike, kwargs: dict[str, Any])
         extract_state_dict,
         read_checkpoint,
     )
-    model = create_model(name, **kwargs)
+    with torch.random.fork_rng():
+        model = create_model(name, **kwargs)
     state = extract_state_dict(read_checkpoint(path), path)
     filter_fn = _checkpoint_filter(model)
     if filter_fn is not None:

@@ -88,16 +88,17 @@ PRESETS: dict[str, tuple[str, str, DetectorConfig]] = {
     "fcos_lowformer_b1": ("fcos", "lowformer_b1", DetectorConfig(head_norm="group")),
     "mask_rcnn_visformer_small_v2": ("mask_rcnn", "visformer_small_v2", DetectorConfig(
         strides=(4, 8, 16, 32), extra_levels=1, anchor_scale=8.0, octaves=1,
-        backbone_kwargs={"drop_path_rate": 0.2})),
+        backbone_kwargs={"drop_path_rate": 0.2, "window_size": (14, 7)})),
     "mask_rcnn_visformer_small": ("mask_rcnn", "visformer_small", DetectorConfig(
         strides=(4, 8, 16, 32), extra_levels=1, anchor_scale=8.0, octaves=1,
-        backbone_kwargs={"drop_path_rate": 0.1})),
+        backbone_kwargs={"drop_path_rate": 0.1, "window_size": (14, 7)})),
     # Nearest torchvision setup to DWNet's Cascade Mask R-CNN: its 4conv1fc BN box head, one stage.
     "mask_rcnn_dwnet_tiny": ("mask_rcnn", "dwnet_tiny", DetectorConfig(
         strides=(4, 8, 16, 32), extra_levels=1, anchor_scale=8.0, octaves=1, box_head="4conv1fc",
-        backbone_kwargs={"drop_path_rate": 0.2})),
+        backbone_kwargs={"drop_path_rate": 0.2, "window_pad": True})),
     "faster_rcnn_visformer_small_v2": ("faster_rcnn", "visformer_small_v2", DetectorConfig(
-        strides=(4, 8, 16, 32), extra_levels=1, anchor_scale=8.0, octaves=1)),
+        strides=(4, 8, 16, 32), extra_levels=1, anchor_scale=8.0, octaves=1,
+        backbone_kwargs={"window_size": (14, 7)})),
     "ssdlite_edgeformer_s": ("ssdlite", "edgeformer_s", DetectorConfig(
         strides=(16, 32), min_size=320, max_size=320, score_thresh=0.05, nms_thresh=0.5,
         detections_per_img=200)),
