@@ -89,8 +89,9 @@ PRESETS: dict[str, tuple[str, str, DetectorConfig]] = {
     "mask_rcnn_visformer_small_v2": ("mask_rcnn", "visformer_small_v2", DetectorConfig(
         strides=(4, 8, 16, 32), extra_levels=1, anchor_scale=8.0, octaves=1,
         backbone_kwargs={"drop_path_rate": 0.2, "window_size": (14, 7)})),
+    # Visformer V1 has no stride-4 stage (its stem jumps from stride 2 to the stride-8 stage 1).
     "mask_rcnn_visformer_small": ("mask_rcnn", "visformer_small", DetectorConfig(
-        strides=(4, 8, 16, 32), extra_levels=1, anchor_scale=8.0, octaves=1,
+        strides=(8, 16, 32), extra_levels=1, anchor_scale=8.0, octaves=1,
         backbone_kwargs={"drop_path_rate": 0.1, "window_size": (14, 7)})),
     # Nearest torchvision setup to DWNet's Cascade Mask R-CNN: its 4conv1fc BN box head, one stage.
     "mask_rcnn_dwnet_tiny": ("mask_rcnn", "dwnet_tiny", DetectorConfig(
