@@ -298,7 +298,7 @@ def _tiny_recipe(data: Path, **run_config):
         "data_provider": {"data_dir": str(data), "base_batch_size": 2, "n_worker": 0},
         "run_config": {"n_epochs": 2, "warmup_epochs": 0, **run_config},
         "detection": {"train_min_size": 64, "train_max_size": 64, "val_images": None, "eval_batch_size": 2,
-                      "settings": {"min_size": 64, "max_size": 96, "fpn_channels": 32}},
+                      "settings": {"min_size": 64, "max_size": 96, "fpn_channels": 32, "score_thresh": 0.0}},
     })
 
 
