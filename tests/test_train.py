@@ -107,7 +107,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     assert resumed["final_top1"] == full["final_top1"] and resumed["best_top1"] == full["best_top1"]
     # The run directory in the original's layout; evalmodel.pt loads through the public API.
     run = tmp_path / "full"
-    assert (run / "checkpoint/latest.txt").read_text().strip() == "checkpoint.pt"
+    assert (run / "checkpoint/latest.txt").read_text().splitlines()[0] == "checkpoint.pt"
     assert {"epoch", "best_val", "optimizer", "lr_scheduler", "ema", "scaler", "rng"} <= set(a)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["images_per_s"] > 0 and summary["wall_s"] > 0
@@ -142,7 +142,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     before = ckpt.read_bytes()
     overrides["run_config"]["base_lr"] = 1.0e38
     with pytest.raises(TrainingDiverged) as e:
-        train(load_config("configs/cls/imagenet/b1.yaml", overrides), tmp_path / "run", resume=True, progress=False)
+        train(load_config("configs/cls/imagenet/b1.yaml", overrides), tmp_path / "run", resume=True, progress=False,
+              allow_config_change=True)
     msg = str(e.value)
     assert "non-finite training loss" in msg and "epoch 2" in msg and str(ckpt) in msg and "(epoch 1)" in msg
     assert ckpt.read_bytes() == before and read_checkpoint(ckpt)["epoch"] == 0
@@ -228,3 +229,38 @@ def test_evalmodel_files_use_the_original_key_layout(variant):
     original = to_original_layout(native, model)
     assert set(original) == {k for k, _, _ in read_manifest(FIXTURES / variant / "keys.tsv")}
     assert list(_checkpoint_filter(model)(original, model)) == list(native)  # loads back through the filter
+
+
+def test_train_step_sums_micro_batch_gradients_and_steps_once():
+    """bsizemult 2: the optimizer steps once with the sum of both micro-batch gradients; a non-finite
+    loss stops before any weight changes."""
+    from lowformer.train.step import LossOutput, NonFiniteLoss, StepParts, train_step
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False)
+    w0 = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = StepParts(model=model, ddp=model, optimizer=opt)
+    xs = [torch.randn(4, 3), torch.randn(4, 3)]
+
+    def loss_of(x):
+        return lambda m: LossOutput(m(x).square().mean(), len(x))
+
+    train_step(parts, loss_of(xs[0]), first=True, update=False, step=0)
+    assert torch.equal(model.weight, w0)  # no step on the first micro-batch
+    train_step(parts, loss_of(xs[1]), first=False, update=True, step=1)
+    # d/dw mean((x w)^2) = 2 x^T (x w) / n, by hand, summed over the two micro-batches.
+    grad = sum(2 * (x @ w0.T).T @ x / len(x) for x in xs)
+    torch.testing.assert_close(model.weight.detach(), w0 - 0.1 * grad)
+    w1 = model.weight.detach().clone()
+    with pytest.raises(NonFiniteLoss):
+        train_step(parts, lambda m: LossOutput(m(xs[0]).sum() * float("nan"), 4), first=True, update=True, step=2)
+    assert torch.equal(model.weight, w1)
+
+
+def test_schedule_answers_step_and_progress_in_one_place():
+    from lowformer.train.schedule import TrainSchedule
+    cfg = load_config("configs/cls/imagenet/b1.yaml", {"run_config": {"n_epochs": 4, "warmup_epochs": 2}})
+    sched = TrainSchedule.build(cfg, batches_per_epoch=5)
+    assert (sched.epochs, sched.warmup_steps, sched.cosine_steps) == (6, 10, 20)
+    assert sched.global_step(3, 2) == 17 and sched.steps_done(3) == 15
+    assert [sched.progress(t) for t in (0, 9, 10, 20, 30)] == [0.0, 0.0, 0.0, 0.5, 1.0]

@@ -1,5 +1,7 @@
 """``lowformer train CONFIG [--a.b value ...] --path RUN_DIR [--resume]``; also under torchrun:
-``torchrun --nproc_per_node=N -m lowformer train ...`` (nccl on GPUs, gloo on the CPU)."""
+``torchrun --nproc_per_node=N -m lowformer train ...`` (nccl on GPUs, gloo on the CPU).
+
+Flags are spelled with dashes; the underscore spellings (``--manual_seed``, the original's) are aliases."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,12 @@ import os
 from lowformer.train import AMP_MODES, load_config, train
 
 
+def _flag(p: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
+    """A dashed flag with its underscore spelling as an alias."""
+    names = [name] + ([f"--{name[2:].replace('-', '_')}"] if "-" in name[2:] else [])
+    p.add_argument(*names, **kwargs)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a recipe (configs/cls/imagenet/*.yaml), resumable, one process or torchrun",
@@ -18,23 +26,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--data_provider.data_dir /data/imagenet --run_config.n_epochs 5 "
                     "--data_provider.image_size \"[128,160,192,224]\".")
     p.add_argument("config", help="recipe file, e.g. configs/cls/imagenet/b1.yaml (the shipped ones work from anywhere)")
-    p.add_argument("--path", required=True, help="run directory (checkpoints, metrics.csv, summary.json)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --path from its last checkpoint")
-    p.add_argument("--manual_seed", type=int, default=0, help="seed: initial weights, data order (default 0)")
+    p.add_argument("--path", required=True, help="run directory (checkpoints, metrics.csv, summary.json, TensorBoard)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --path from its last committed epoch")
+    _flag(p, "--allow-config-change", action="store_true",
+          help="with --resume: accept a config that changes the model or the schedule of the stored run")
+    _flag(p, "--initial-checkpoint", default=None, metavar="FILE",
+          help="start from these weights (any checkpoint layout); a classifier of another class count is "
+               "re-initialised")
+    _flag(p, "--manual-seed", type=int, default=0, help="seed: initial weights, data order (default 0)")
     p.add_argument("--amp", choices=AMP_MODES, default="none",
                    help="mixed precision: bf16, or fp16 with a loss scaler on CUDA (default: fp32 as the original)")
     p.add_argument("--fp16", action="store_true", help="the original's flag: same as --amp fp16")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--stop-after-epochs", type=int, default=None,
-                   help="stop resumably after this many epochs (e.g. a job time limit); the schedule is unchanged")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _flag(p, "--stop-after-epochs", type=int, default=None,
+          help="stop resumably after this many epochs (e.g. a job time limit); the schedule is unchanged")
+    _flag(p, "--log-interval", type=int, default=50,
+          help="micro-batches between TensorBoard scalars and, with --no-progress, log lines (default 50)")
+    _flag(p, "--log-wandb", action="store_true", help="also log to Weights & Biases (needs the wandb package)")
+    _flag(p, "--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run, accepts_overrides=True)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, args.path, resume=args.resume, seed=args.manual_seed, amp="fp16" if args.fp16 else args.amp,
-                    device=args.device, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress)
+                    device=args.device, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress,
+                    allow_config_change=args.allow_config_change, initial_checkpoint=args.initial_checkpoint,
+                    log_interval=args.log_interval, log_wandb=args.log_wandb)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         logging.getLogger(__name__).info("summary: %s", json.dumps(summary))
     return 0

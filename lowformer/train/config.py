@@ -4,8 +4,12 @@ A config path P is merged from every ``default.yaml`` between the configs root a
 (outermost first), then P, then ``--a.b value`` overrides. Unlike the original, the path is resolved
 first and the walk stops at the configs root (never the working directory), YAML follows 1.2 for
 numbers (``1e-3`` is a float), and an unknown key or a value of the wrong type is a LowformerError
-naming its dotted path and the nearest valid key. Derived values (peak learning rate, global batch)
-are computed by functions, never written back into the config.
+naming its dotted path and the nearest valid key. Ranges live beside the fields (``metadata``) and
+are checked while the file is read, so a bad value fails before any work; 0 is a value, never "unset".
+Derived values (peak learning rate, global batch) are computed by functions, never written back.
+
+One schema serves every task: the shared groups below, plus task sections (e.g. ``detection:``) that a
+task registers with :func:`register_section` and reads with :meth:`TrainConfig.section`.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from lowformer.errors import LowformerError
 __all__ = [
     "ConfigError", "TrainConfig", "DataProviderConfig", "RunConfig", "load_config", "parse_overrides",
     "merge", "resolve_config_path", "config_to_dict", "peak_lr", "global_batch_size", "packaged_configs_root",
+    "register_section", "config_from_dict", "validate", "total_epochs",
 ]
 
 
@@ -33,21 +38,33 @@ class ConfigError(LowformerError, ValueError):
     """A config file, key or value that cannot be used."""
 
 
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False,
+           nonempty: bool = False, sort: bool = False) -> dict:
+    """Field metadata: the allowed range of a number (or of each item of a tuple)."""
+    return {"range": (lo, hi, lo_open, hi_open), "nonempty": nonempty, "sort": sort}
+
+
+_POS = _range(1)
+_NONNEG = _range(0)
+_PROB = _range(0, 1)
+
+
 @dataclass(frozen=True)
 class RRCConfig:
     train_interpolate: str = "random"
     test_interpolate: str = "bicubic"
-    test_crop_ratio: float = 1.0
-    scale: tuple[float, float] = (0.08, 1.0)  # ours: RandomResizedCrop area range (the original's fixed value)
+    test_crop_ratio: float = field(default=1.0, metadata=_range(0, 1, lo_open=True))
+    # ours: RandomResizedCrop area range (the original's fixed value)
+    scale: tuple[float, float] = field(default=(0.08, 1.0), metadata=_range(0, 1, lo_open=True))
 
 
 @dataclass(frozen=True)
 class AugConfig:
     """One ``data_aug`` entry: ``randaug`` (n ops, magnitude m) or ``erase`` (probability p)."""
     name: str
-    n: int = 1
-    m: float = 3.0
-    p: float = 0.0
+    n: int = field(default=1, metadata=_NONNEG)
+    m: float = field(default=3.0, metadata=_NONNEG)
+    p: float = field(default=0.0, metadata=_PROB)
 
 
 @dataclass(frozen=True)
@@ -56,13 +73,13 @@ class DataProviderConfig:
     data_dir: str = ""
     rrc_config: RRCConfig = field(default_factory=RRCConfig)
     data_aug: tuple[AugConfig, ...] = ()
-    base_batch_size: int = 128
-    test_batch_size: Union[int, None] = None
+    base_batch_size: int = field(default=128, metadata=_POS)
+    test_batch_size: Union[int, None] = field(default=None, metadata=_POS)
     valid_size: None = None
-    n_worker: int = 8
-    image_size: tuple[int, ...] = (128, 160, 192, 224)
+    n_worker: int = field(default=8, metadata=_NONNEG)
+    image_size: tuple[int, ...] = field(default=(128, 160, 192, 224), metadata=_range(1, nonempty=True, sort=True))
     drop_last: bool = True
-    hflip: float = 0.5  # ours: horizontal flip probability (the original's fixed 0.5)
+    hflip: float = field(default=0.5, metadata=_PROB)  # ours: horizontal flip probability (the original's fixed 0.5)
 
 
 @dataclass(frozen=True)
@@ -72,47 +89,47 @@ class MixupConfig:
 
 @dataclass(frozen=True)
 class MesaConfig:
-    thresh: float = 0.25
-    ratio: float = 2.0
+    thresh: float = field(default=0.25, metadata=_NONNEG)
+    ratio: float = field(default=2.0, metadata=_NONNEG)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    n_epochs: int = 300
-    base_lr: float = 0.00025
-    warmup_epochs: int = 20
-    warmup_lr: float = 0.0
+    n_epochs: int = field(default=300, metadata=_NONNEG)
+    base_lr: float = field(default=0.00025, metadata=_NONNEG)
+    warmup_epochs: int = field(default=20, metadata=_NONNEG)
+    warmup_lr: float = field(default=0.0, metadata=_NONNEG)
     lr_schedule_name: str = "cosine"
     lr_schedule_param: dict = field(default_factory=dict)
     optimizer_name: str = "adamw"
     optimizer_params: dict = field(default_factory=dict)
-    weight_decay: float = 0.1
+    weight_decay: float = field(default=0.1, metadata=_NONNEG)
     no_wd_keys: tuple[str, ...] = ("norm", "bias")
-    grad_clip: Union[float, None] = 2.0
+    grad_clip: Union[float, None] = field(default=2.0, metadata=_range(0, lo_open=True))
     reset_bn: bool = True
-    reset_bn_size: int = 16000
-    reset_bn_batch_size: int = 100
-    eval_image_size: tuple[int, ...] = (224,)
-    label_smooth: float = 0.1
+    reset_bn_size: int = field(default=16000, metadata=_POS)
+    reset_bn_batch_size: int = field(default=100, metadata=_range(2))
+    eval_image_size: tuple[int, ...] = field(default=(224,), metadata=_range(1, nonempty=True))
+    label_smooth: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
     mixup_config: Union[MixupConfig, None] = None
     bce: bool = True
     mesa: Union[MesaConfig, None] = None
-    bsizemult: int = 1
+    bsizemult: int = field(default=1, metadata=_POS)
     no_eval: bool = False
 
 
 @dataclass(frozen=True)
 class BackboneDropConfig:
     name: str = "droppath"
-    drop_prob: float = 0.0
+    drop_prob: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
     linear_decay: bool = True
-    skip: int = 0
+    skip: int = field(default=0, metadata=_NONNEG)
 
 
 @dataclass(frozen=True)
 class NetConfig:
     name: str = "lowformer_b1"
-    dropout: float = 0.0
+    dropout: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
     kwargs: dict = field(default_factory=dict)  # ours: extra model arguments for timm.create_model
 
 
@@ -122,7 +139,26 @@ class TrainConfig:
     run_config: RunConfig = field(default_factory=RunConfig)
     backbone_drop: BackboneDropConfig = field(default_factory=BackboneDropConfig)
     net_config: NetConfig = field(default_factory=NetConfig)
-    ema_decay: float = 0.9998
+    ema_decay: float = field(default=0.9998, metadata=_PROB)
+    task: str = "classification"  # which registered task trains this config
+    sections: dict = field(default_factory=dict, metadata={"internal": True})  # task sections, by name
+
+    def section(self, name: str) -> Any:
+        """The task section ``name`` (its dataclass), with its defaults where the file has none."""
+        if name not in _SECTIONS:
+            raise ConfigError(f"no config section '{name}' is registered (known: {', '.join(sorted(_SECTIONS))})")
+        return self.sections.get(name) or _SECTIONS[name]()
+
+
+_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Accept a top-level group ``name`` validated as the dataclass ``cls`` (a task's own keys)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    if name in known or (name in _SECTIONS and _SECTIONS[name] is not cls):
+        raise ValueError(f"config section '{name}' is already defined")
+    _SECTIONS[name] = cls
 
 
 # --- YAML ------------------------------------------------------------------------------------------------
@@ -142,8 +178,22 @@ _Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: t
 def _yaml_load(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}{where}: not valid YAML ({e.problem or e.context})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                          "save the file as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 # --- files and merging -----------------------------------------------------------------------------------
@@ -232,13 +282,28 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None) -> 
     path = resolve_config_path(path)
     merged: dict = {}
     for source in [*_default_files(path), path]:
-        data = _yaml_load(source.read_text(), str(source)) or {}
+        data = _yaml_load(_read_text(source), str(source)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: top level must be a mapping of config groups")
         merged = merge(merged, data)
     if overrides:
         merged = merge(merged, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    return _build(TrainConfig, merged, "")
+    return validate(_build(TrainConfig, merged, ""))
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    """A config from its plain form (``RUN_DIR/config.yaml``), validated like a file."""
+    return validate(_build(TrainConfig, data, ""))
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Rules that span several keys (single values are range-checked while they are read)."""
+    if total_epochs(cfg) < 1:
+        raise ConfigError("run_config.n_epochs + run_config.warmup_epochs is 0: train at least one epoch")
+    lo, hi = cfg.data_provider.rrc_config.scale
+    if lo > hi:
+        raise ConfigError(f"config key 'data_provider.rrc_config.scale': [{lo:g}, {hi:g}] is not an increasing range")
+    return cfg
 
 
 # --- validation ------------------------------------------------------------------------------------------
@@ -275,11 +340,39 @@ def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config key '{path.rstrip('.')}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values, sections = {}, {}
+    for key, value in data.items():
+        if key in fields:
+            values[key] = _check(fields[key], _convert(hints[key], value, f"{path}{key}"), f"{path}{key}")
+        elif cls is TrainConfig and key in _SECTIONS:
+            sections[key] = _build(_SECTIONS[key], value or {}, f"{key}.")
+        else:
             raise _unknown_key(f"{path}{key}")
-    return cls(**{k: _convert(hints[k], v, f"{path}{k}") for k, v in data.items()})
+    if sections:
+        values["sections"] = sections
+    return cls(**values)
+
+
+def _check(f: dataclasses.Field, value: Any, path: str) -> Any:
+    """Apply the field's range metadata to a converted value (each item of a tuple)."""
+    if "range" not in f.metadata or value is None:
+        return value
+    lo, hi, lo_open, hi_open = f.metadata["range"]
+    items = value if isinstance(value, tuple) else (value,)
+    if f.metadata["nonempty"] and not items:
+        raise ConfigError(f"config key '{path}': needs at least one value, got []")
+    for v in items:
+        low = lo is not None and (v <= lo if lo_open else v < lo)
+        high = hi is not None and (v >= hi if hi_open else v > hi)
+        if low or high:
+            bounds = []
+            if lo is not None:
+                bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+            if hi is not None:
+                bounds.append(f"{'<' if hi_open else '<='} {hi:g}")
+            raise ConfigError(f"config key '{path}': {v!r} is out of range (must be {' and '.join(bounds)})")
+    return tuple(sorted(value)) if f.metadata["sort"] else value
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -300,15 +393,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path + ".")
-    if path.endswith("data_aug"):
-        items = [] if value is None else value if isinstance(value, list) else [value]
-        return tuple(_aug(item, f"{path}[{i}]") for i, item in enumerate(items))
     if origin is tuple:
+        if value is None and len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
+            return ()  # a list of entries left empty (``data_aug: null``)
         if not isinstance(value, (list, tuple)):
             value = [value]
-        if path.endswith("image_size"):
-            return tuple(sorted(_convert(int, v, path) for v in value))
         if len(args) == 2 and args[1] is Ellipsis:
+            if args[0] is AugConfig:
+                return tuple(_aug(v, f"{path}[{i}]") for i, v in enumerate(value))
             return tuple(_convert(args[0], v, path) for v in value)
         if len(value) != len(args):
             raise ConfigError(f"config key '{path}': expected {len(args)} values, got {value!r}")
@@ -352,7 +444,9 @@ def config_to_dict(cfg: TrainConfig) -> dict:
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v
-    return plain(dataclasses.asdict(cfg))
+    out = plain(dataclasses.asdict(cfg))
+    sections = out.pop("sections")
+    return {**out, **sections}
 
 
 # --- derived values --------------------------------------------------------------------------------------
@@ -367,12 +461,27 @@ def global_batch_size(cfg: TrainConfig, world_size: int) -> int:
     return cfg.data_provider.base_batch_size * cfg.run_config.bsizemult * world_size
 
 
-def warmup_and_total_steps(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, int]:
-    """Scheduler steps (micro-batches) of the warm-up and of the cosine part after it."""
-    return cfg.run_config.warmup_epochs * batches_per_epoch, max(1, cfg.run_config.n_epochs * batches_per_epoch)
-
-
 def total_epochs(cfg: TrainConfig) -> int:
     """Epochs run: ``n_epochs`` count after the warm-up, as in the original (300 + 20 = 320)."""
     return cfg.run_config.n_epochs + cfg.run_config.warmup_epochs
 
+
+
+# Keys that change neither the model nor the schedule: a resumed run may take new values silently.
+RESUME_SAFE_KEYS = frozenset({"data_provider.data_dir", "data_provider.n_worker", "data_provider.test_batch_size"})
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict) or (prefix and prefix.rstrip(".").rsplit(".", 1)[-1] in ("kwargs", "optimizer_params",
+                                                                                      "lr_schedule_param")):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_changes(stored: dict, requested: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, stored value, requested value)`` for every dotted key whose value differs."""
+    a, b = _flat(stored), _flat(requested)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "all_reduce_sum", "broadcast_max_diff"]
+__all__ = ["DistContext", "init_distributed", "all_reduce_sum", "rank_max_diff", "broadcast_object"]
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,9 @@ def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
     return t.tolist()
 
 
-@torch.no_grad()
-def broadcast_max_diff(ctx: DistContext, module: torch.nn.Module) -> float:
-    """Largest difference between this rank's parameters and buffers and rank 0's, maximised over ranks:
-    0.0 when data-parallel training kept every replica identical."""
-    if not ctx.distributed:
-        return 0.0
+def _max_diff(ctx: DistContext, tensors: list[torch.Tensor]) -> float:
     worst = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for t in module.state_dict().values():
+    for t in tensors:
         if not t.is_floating_point():
             continue
         ref = t.detach().clone()
@@ -72,3 +67,23 @@ def broadcast_max_diff(ctx: DistContext, module: torch.nn.Module) -> float:
         worst = torch.maximum(worst, (ref - t).abs().max().to(torch.float64))
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst)
+
+
+@torch.no_grad()
+def rank_max_diff(ctx: DistContext, module: torch.nn.Module) -> tuple[float, float]:
+    """Largest difference between this rank's tensors and rank 0's, maximised over ranks, for the
+    parameters (0.0 when data-parallel training kept the replicas identical) and, separately, for the
+    buffers: BatchNorm running statistics are per-rank by design, DDP does not synchronise them."""
+    if not ctx.distributed:
+        return 0.0, 0.0
+    return (_max_diff(ctx, [p for p in module.parameters()]),
+            _max_diff(ctx, [b for b in module.buffers()]))
+
+
+def broadcast_object(ctx: DistContext, obj: object) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,129 +1,106 @@
-"""The epoch loop: LowFormer's recipe on timm's parts, resumable, one process or many (torchrun).
+"""The epoch loop shared by every task: one process or many (torchrun), resumable, committed per epoch.
 
-Per micro-batch: the learning rate and the drop-path rates are set from the global step (so a resumed
-run continues the same curves), the batch is mixed or label-smoothed, forward/backward runs (DDP
-gradient all-reduce only on the last micro-batch of a ``bsizemult`` group; micro-batch gradients are
-summed, as in the original), and on the group's last micro-batch gradients are clipped by value and the
-optimizer and EMA step. After each epoch the EMA model's BN statistics are re-estimated on a seeded
-subset of training images and it is validated; then a checkpoint is written atomically.
-
-Run directory: ``config.yaml``, ``model_arch.txt``, ``metrics.csv``, ``summary.json`` and
-``checkpoint/`` with ``checkpoint.pt`` (full state, every epoch), ``model_best.pt`` (full state of the
-best epoch), ``evalmodel.pt`` (EMA weights of the best epoch, a bare state dict in the original key
-layout, as the original publishes them), ``evalmodel_final.pt`` (the same at the end) and ``latest.txt``.
+Per micro-batch the schedule sets the learning rate and the drop-path rates from the global step (so a
+resumed run continues the same curves) and :func:`~lowformer.train.step.train_step` runs the task's
+loss; after each epoch the task validates the EMA model, and the epoch is committed to the run
+directory (:mod:`lowformer.train.rundir`) from one :class:`~lowformer.train.state.TrainState`. What a
+task provides is described in :mod:`lowformer.train.task`.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import csv
+import io
 import json
 import logging
 import os
-import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import torch
 import yaml
 from timm.utils import random_seed
 
-from lowformer.checkpoints import to_original_layout
-from lowformer.data.datasets import ImageFolderDataset, build_eval_loader, build_train_loader
-from lowformer.data.transforms import train_transform, val_transform
 from lowformer.errors import LowformerError
-from lowformer.evaluate import autocast_context, evaluate, reestimate_bn
 from lowformer.train.config import (
-    TrainConfig, config_to_dict, global_batch_size, peak_lr, total_epochs, warmup_and_total_steps,
+    RESUME_SAFE_KEYS,
+    TrainConfig,
+    config_changes,
+    config_to_dict,
+    global_batch_size,
+    peak_lr,
 )
-from lowformer.train.distributed import DistContext, all_reduce_sum, broadcast_max_diff, init_distributed
-from lowformer.train.setup import (
-    DropPathSchedule, LowformerEma, build_criterion, build_mixup, build_model, build_optimizer, build_scheduler,
+from lowformer.train.distributed import (
+    DistContext,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    rank_max_diff,
 )
+from lowformer.train.logs import RunLogger
+from lowformer.train.rundir import RunDir
+from lowformer.train.schedule import TrainSchedule
+from lowformer.train.setup import DropPathSchedule, LowformerEma, build_optimizer, check_schedule
+from lowformer.train.state import TrainState, rng_state, set_rng_state
+from lowformer.train.step import AMP_MODES, NonFiniteLoss, StepParts, amp_mode, train_step
+from lowformer.train.task import EvalInfo, StepInfo, Task, create_task
 
-__all__ = ["train", "TrainingDiverged", "AMP_MODES"]
+__all__ = ["train", "Trainer", "TrainingDiverged", "AMP_MODES"]
 
 _logger = logging.getLogger(__name__)
-
-AMP_MODES = ("none", "bf16", "fp16")
-_METRICS = ["epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "best_top1", "skipped_images",
-            "images_per_s", "epoch_s", "rank_param_max_diff"]
 
 
 class TrainingDiverged(LowformerError, RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0; a LowformerError there is raised on every rank (no rank left waiting)."""
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except LowformerError as e:
+            error = e
+    message = broadcast_object(ctx, None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise LowformerError(message)
+    return result
 
 
-def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, Any]:
-    """Autocast dtype and loss scaler of an AMP mode; fp16 needs CUDA, bf16 a device that supports it."""
-    if mode not in AMP_MODES:
-        raise LowformerError(f"amp mode '{mode}': use one of {', '.join(AMP_MODES)}")
-    if mode == "none":
-        return None, None
-    if mode == "fp16":
-        if device.type != "cuda":
-            raise LowformerError("--amp fp16 needs a CUDA device; use --amp bf16 or none on the CPU")
-        from timm.utils import NativeScaler
-        return torch.float16, NativeScaler(device="cuda")
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise LowformerError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
-    return torch.bfloat16, None
-
-
-class _Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, ctx: DistContext, *, resume: bool, seed: int, amp: str,
-                 stop_after_epochs: int | None, progress: bool) -> None:
-        self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
-        self.ckpt_dir = run_dir / "checkpoint"
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, ctx: DistContext, *, task: Task | None = None,
+                 resume: bool = False, seed: int = 0, amp: str = "none", stop_after_epochs: int | None = None,
+                 progress: bool = True, allow_config_change: bool = False, initial_checkpoint: str | None = None,
+                 log_interval: int = 50, log_wandb: bool = False) -> None:
+        self.cfg, self.ctx, self.rd = cfg, ctx, RunDir(run_dir)
         self.resume, self.seed, self.stop_after = resume, seed, stop_after_epochs
+        self.allow_config_change = allow_config_change
         self.progress = progress and ctx.is_main
         self.log = _logger.info if ctx.is_main else (lambda *args: None)
         self.device = ctx.device
-        self.amp_dtype, self.scaler = _amp(amp, self.device)
-        dp, rc = cfg.data_provider, cfg.run_config
-
-        data_dir = Path(dp.data_dir).expanduser()
-        self.train_set = ImageFolderDataset(data_dir / "train")
-        self.val_set = None if rc.no_eval else ImageFolderDataset(data_dir / "val")
-        if self.val_set is not None and self.val_set.class_to_idx != self.train_set.class_to_idx:
-            raise LowformerError(f"'{data_dir}/val' and '{data_dir}/train' hold different class folders")
-        self.num_classes = len(self.train_set.classes)
+        # Every argument is checked before any data is read or any file written.
+        if stop_after_epochs is not None and stop_after_epochs < 1:
+            raise LowformerError(f"--stop-after-epochs {stop_after_epochs}: must be at least 1")
+        if log_interval < 1:
+            raise LowformerError(f"--log-interval {log_interval}: must be at least 1")
+        if initial_checkpoint is not None:
+            if resume:
+                raise LowformerError("--initial-checkpoint starts a new run; --resume continues from the run's own "
+                                     "checkpoint: give one of the two")
+            if not Path(initial_checkpoint).is_file():
+                raise LowformerError(f"--initial-checkpoint '{initial_checkpoint}': file not found")
+        self.log_interval, self.log_wandb = log_interval, log_wandb
+        self.amp_dtype, self.scaler = amp_mode(amp, self.device)
+        check_schedule(cfg)
+        self.task = task or create_task(cfg, ctx, seed)
 
         # Same initial weights on every rank and for any world size; then per-rank randomness.
         torch.manual_seed(seed)
-        self.model = build_model(cfg, self.num_classes).to(self.device)
+        self.model = self.task.build_model().to(self.device)
+        self.initial_checkpoint = initial_checkpoint
         random_seed(seed + ctx.rank)
         self.drop_path = DropPathSchedule(self.model, cfg.backbone_drop.drop_prob, cfg.backbone_drop.linear_decay,
                                           cfg.backbone_drop.skip)
@@ -131,299 +108,301 @@ class _Trainer:
         self.ddp = self.model
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
 
-        self.loader = build_train_loader(
-            self.train_set, [train_transform(dp, s) for s in dp.image_size], dp.base_batch_size, rank=ctx.rank,
-            world_size=ctx.world_size, seed=seed, workers=dp.n_worker, device=self.device, drop_last=dp.drop_last)
-        self.batches_per_epoch = len(self.loader)
+        self.loader = self.task.build_train_loader()
         self.peak_lr = peak_lr(cfg, ctx.world_size)
         self.optimizer = build_optimizer(self.model, cfg, self.peak_lr)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.batches_per_epoch)
-        self.warmup_steps, self.cosine_steps = warmup_and_total_steps(cfg, self.batches_per_epoch)
-        self.criterion = build_criterion(cfg)
-        self.mixup = build_mixup(cfg, self.num_classes)
-        self.epochs = total_epochs(cfg)
-        self.start_epoch, self.best_top1 = 0, None
-        self.stats = {"train_images": 0.0, "train_s": 0.0, "wall_s": 0.0, "skipped_images": 0}
-        self.last_top1: float | None = None
-        self._epochs_done = 0
+        self.schedule = TrainSchedule.build(cfg, len(self.loader), self.optimizer)
+        self.parts = StepParts(model=self.model, ddp=self.ddp, optimizer=self.optimizer, ema=self.ema,
+                               scaler=self.scaler, amp_dtype=self.amp_dtype, device=self.device,
+                               grad_clip=cfg.run_config.grad_clip, distributed=ctx.distributed)
+        self.state = TrainState(ema_decay=cfg.ema_decay, metric=self.task.metric, world_size=ctx.world_size,
+                                config=config_to_dict(cfg))
+        self.columns = ["epoch", "lr", "train_loss", *(f"val_{m}" for m in self.task.metric_names),
+                        f"best_{self.task.metric}", "skipped_images", "images_per_s", "epoch_s", "rank_param_max_diff"]
+        self.logger: RunLogger | None = None
 
     # --- set-up of the run directory -------------------------------------------------------------------
-    def prepare_run_dir(self) -> None:
-        latest = self.ckpt_dir / "latest.txt"
-        if self.ctx.is_main:
-            if not self.resume and latest.exists():
-                raise LowformerError(f"run directory '{self.run_dir}' already holds a run; add --resume to continue "
-                                     "it or choose another --path")
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
-            (self.run_dir / "model_arch.txt").write_text(str(self.model) + "\n")
-        self.ctx.barrier()
+    def prepare(self) -> None:
+        """Lock the directory, check it against the request, resume (repairing a half-committed epoch)."""
+        changed = _on_main(self.ctx, self._check_run_dir)
         if self.resume:
-            self._load(latest)
-        self.log("%s: %d classes, %d train images, %d processes x %d images x bsizemult %d = global batch %d, "
-                     "peak lr %.4g (base_lr x bsizemult x world size), %d epochs (%d warm-up), %d batches/epoch",
-                     self.cfg.net_config.name, self.num_classes, len(self.train_set), self.ctx.world_size,
-                     self.cfg.data_provider.base_batch_size, self.cfg.run_config.bsizemult,
-                     global_batch_size(self.cfg, self.ctx.world_size), self.peak_lr, self.epochs,
-                     self.cfg.run_config.warmup_epochs, self.batches_per_epoch)
+            self._load()
+        elif self.initial_checkpoint is not None:
+            self.log("%s", self.task.load_initial(self.model, Path(self.initial_checkpoint)))
+            self.ema.module.load_state_dict(self.model.state_dict())
+        if self.ctx.is_main and (not self.resume or changed):
+            # The run's record is (re)written only now, after the request proved consistent with it.
+            self.rd.write_text(self.rd.config, yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+            self.rd.write_text(self.rd.arch, str(self.model) + "\n")
+        self.logger = RunLogger(self.rd.path, active=self.ctx.is_main, log_wandb=self.log_wandb,
+                                config_text=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        self.ctx.barrier()
+        extra = self.task.describe()
+        self.log("%s: %s%s%d processes x %d images x bsizemult %d = global batch %d, peak lr %.4g (base_lr x "
+                 "bsizemult x world size), %d epochs (%d warm-up), %d batches/epoch", self.cfg.net_config.name, extra,
+                 ", " if extra else "", self.ctx.world_size, self.cfg.data_provider.base_batch_size,
+                 self.cfg.run_config.bsizemult, global_batch_size(self.cfg, self.ctx.world_size), self.peak_lr,
+                 self.schedule.epochs, self.cfg.run_config.warmup_epochs, self.schedule.batches_per_epoch)
 
-    def _load(self, latest: Path) -> None:
+    def _check_run_dir(self) -> bool:
+        rd = self.rd
+        rd.lock()
+        try:
+            rd.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for stale in rd.remove_stale_tmp():
+                _logger.warning("removed %s, left by an interrupted write", stale)
+            if not self.resume and rd.has_run():
+                raise LowformerError(f"run directory '{rd.path}' already holds a run; add --resume to continue it or "
+                                     "choose another --path")
+            if self.resume and not rd.checkpoint.is_file():
+                raise LowformerError(f"--resume: no checkpoint in '{rd.ckpt_dir}' (checkpoint.pt missing); start "
+                                     "without --resume")
+            return self.resume and self._compare_config()
+        except BaseException:
+            rd.unlock()
+            raise
+
+    def _compare_config(self) -> bool:
+        if not self.rd.config.is_file():
+            _logger.warning("--resume: %s is missing, the requested config cannot be compared", self.rd.config)
+            return True
+        stored = yaml.safe_load(self.rd.config.read_text(encoding="utf-8")) or {}
+        changes = config_changes(stored, config_to_dict(self.cfg))
+        if not changes:
+            return False
+        refused = [c for c in changes if c[0] not in RESUME_SAFE_KEYS]
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in (refused or changes)[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        if refused and not self.allow_config_change:
+            raise LowformerError(f"--resume: the requested config changes {shown}{more} of the stored run "
+                                 f"'{self.rd.config}'; these alter the model or the schedule: resume with the stored "
+                                 "config, or add --allow-config-change to accept the change")
+        _logger.warning("--resume with a changed config: %s%s", shown, more)
+        return True
+
+    def _load(self) -> None:
         from lowformer.checkpoints import read_checkpoint
-        if not latest.is_file():
-            raise LowformerError(f"--resume: no checkpoint in '{self.ckpt_dir}' (latest.txt missing); "
-                                 "start without --resume")
-        path = self.ckpt_dir / latest.read_text().strip()
-        state = read_checkpoint(path)
-        self.model.load_state_dict(state["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        ema = state["ema"].get(self.cfg.ema_decay)
-        if ema is None:
-            raise LowformerError(f"--resume: '{path}' holds EMA weights for decay {list(state['ema'])}, the config "
-                                 f"says ema_decay {self.cfg.ema_decay}")
-        self.ema.module.load_state_dict(ema)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = state["epoch"] + 1
-        self.best_top1 = state["best_val"]
-        self.last_top1 = state.get("last_val")
-        self.stats = dict(state["stats"])
-        rng = state.get("rng") or []
-        if len(rng) == self.ctx.world_size:
-            _set_rng_state(rng[self.ctx.rank])
+        path = self.rd.checkpoint
+        state = TrainState.from_checkpoint(read_checkpoint(path), path, self.cfg.ema_decay)
+        try:
+            self.model.load_state_dict(state.model)
+            self.ema.module.load_state_dict(state.ema)
+            self.optimizer.load_state_dict(state.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()
+            raise LowformerError(f"--resume: '{path}' does not fit the requested model or optimizer "
+                                 f"({first[1].strip() if len(first) > 1 else first[0][:200]})") from None
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        state.config, state.world_size = config_to_dict(self.cfg), self.ctx.world_size
+        self.state = state
+        if len(state.rng) == self.ctx.world_size:
+            set_rng_state(state.rng[self.ctx.rank])
         else:
             _logger.warning("--resume with %d processes, the checkpoint was written by %d: random streams restart",
-                            self.ctx.world_size, len(rng))
-        self.log("resumed from %s (epoch %d done)", path, self.start_epoch)
+                            self.ctx.world_size, len(state.rng))
+        committed = self.rd.committed_epoch()
+        if self.ctx.is_main and committed is not None and committed != -2 and state.epoch < committed:
+            raise LowformerError(f"--resume: '{self.rd.pointer}' names epoch {committed + 1} but '{path}' holds epoch "
+                                 f"{state.epoch + 1}; the run directory was changed by hand")
+        if self.ctx.is_main and (committed is None or state.epoch > committed):
+            _logger.warning("epoch %d was interrupted while it was being saved: completing its files from %s",
+                            state.epoch + 1, path)
+            self.commit()
+        self.log("resumed from %s (epoch %d done)", path, state.epochs_done)
 
     # --- one epoch -------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        from timm.data.mixup import mixup_target
-        from timm.utils import dispatch_clip_grad
         from tqdm import tqdm
-        rc = self.cfg.run_config
-        k = rc.bsizemult
-        self.loader.batch_sampler.set_epoch(epoch)
+        k = self.cfg.run_config.bsizemult
+        bpe = self.schedule.batches_per_epoch
+        sampler = getattr(self.loader, "batch_sampler", None)
+        (sampler if hasattr(sampler, "set_epoch") else self.loader.sampler).set_epoch(epoch)
         self.ddp.train()
         loss_sum = loss_count = 0.0
         images = skipped = 0
         start = time.perf_counter()
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.schedule.epochs}", disable=not self.progress,
                    dynamic_ncols=True, leave=False)
-        for i, (x, y, n_skipped) in enumerate(bar):
-            skipped += n_skipped
-            step = epoch * self.batches_per_epoch + i
-            self.scheduler.step_update(step)
-            progress = max(0, step - self.warmup_steps) / self.cosine_steps
+        for i, batch in enumerate(bar):
+            step = self.schedule.global_step(epoch, i)
+            progress = self.schedule.at(step)
             self.drop_path.set_progress(progress)
-            need_update = (i + 1) % k == 0 or i + 1 == self.batches_per_epoch
-            if i % k == 0:
-                self.optimizer.zero_grad(set_to_none=True)
-            if self.mixup is not None and len(y) % 2:
-                x, y = x[:-1], y[:-1]  # mixing pairs samples; a dropped unreadable image can leave an odd batch
-            if len(y) == 0:
-                raise LowformerError(f"epoch {epoch + 1}, batch {i}: every image of the batch was unreadable")
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.mixup is not None:
-                x, target = self.mixup(x, y)
-            else:
-                target = mixup_target(y, self.num_classes, smoothing=rc.label_smooth)
-            sync = contextlib.nullcontext() if need_update or self.ddp is self.model else self.ddp.no_sync()
-            with sync:
-                with self._autocast():
-                    out = self.ddp(x)
-                    loss = self.criterion(out, target)
-                    if rc.mesa is not None and progress >= rc.mesa.thresh:
-                        with torch.no_grad():
-                            teacher = self.ema.module(x).float().sigmoid()
-                        loss = loss + rc.mesa.ratio * self.criterion(out, teacher)
-                self._check_finite(loss, epoch, i)
-                params = self.model.parameters()
-                if self.scaler is not None:
-                    self.scaler(loss, self.optimizer, clip_grad=rc.grad_clip, clip_mode="value", parameters=params,
-                                need_update=need_update)
-                else:
-                    loss.backward()
-                    if need_update:
-                        if rc.grad_clip is not None:
-                            dispatch_clip_grad(params, rc.grad_clip, mode="value")
-                        self.optimizer.step()
-            if need_update:
-                self.ema.update(self.model, step=step + 1)
-            loss_sum += loss.item() * len(y)
-            loss_count += len(y)
-            images += len(y)
+            if step == 0:
+                self.logger.images("train/first_batch", self.task.preview(batch), 0)
+            info = StepInfo(epoch=epoch, batch=i, step=step, progress=progress, device=self.device,
+                            ema_model=self.ema.module)
+            try:
+                out = train_step(self.parts, lambda m: self.task.loss(m, batch, info), first=i % k == 0,
+                                 update=(i + 1) % k == 0 or i + 1 == bpe, step=step)
+            except NonFiniteLoss as e:
+                raise self._diverged(e.value, epoch, i) from None
+            skipped += out.skipped
+            loss_sum += out.loss.item() * out.samples
+            loss_count += out.samples
+            images += out.samples
+            lr = self.optimizer.param_groups[0]["lr"]
             if self.progress:
-                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
-                                res=x.shape[-1], bs=len(y))
+                bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{lr:.3g}", bs=out.samples, **out.logs)
+            if (i + 1) % self.log_interval == 0:
+                self.logger.scalars("train", {"loss": out.loss.item(), "lr": lr, **out.logs}, step + 1)
+                if not self.progress:
+                    self.log("epoch %d/%d, batch %d/%d: loss %.4f (epoch mean %.4f), lr %.3g", epoch + 1,
+                             self.schedule.epochs, i + 1, bpe, out.loss.item(), loss_sum / loss_count, lr)
         seconds = time.perf_counter() - start
         loss_sum, loss_count, images, skipped = all_reduce_sum(self.ctx, [loss_sum, loss_count, images, skipped])
         return {"train_loss": loss_sum / max(loss_count, 1), "images": images, "skipped": int(skipped),
                 "seconds": seconds, "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return autocast_context(self.device, self.amp_dtype)
-
-    def _check_finite(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.ctx.distributed:
-            torch.distributed.all_reduce(bad)
-        if bad.item() == 0:
-            return
-        latest = self.ckpt_dir / "latest.txt"
-        if latest.is_file():
-            kept = (f"the last good checkpoint, {self.ckpt_dir / latest.read_text().strip()} (epoch "
-                    f"{self._epochs_done}), is kept: continue from it with --resume and a lower "
-                    "run_config.base_lr or a grad_clip")
+    def _diverged(self, value: float, epoch: int, batch: int) -> TrainingDiverged:
+        if self.rd.checkpoint.is_file() and self.state.epochs_done > 0:
+            kept = (f"the last good checkpoint, {self.rd.checkpoint} (epoch {self.state.epochs_done}), is kept: "
+                    "continue from it with --resume --allow-config-change and a lower run_config.base_lr or a "
+                    "run_config.grad_clip")
         else:
             kept = "no checkpoint was written yet: lower run_config.base_lr or set run_config.grad_clip and restart"
-        raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, batch {batch}; "
-                               f"training stopped, {kept}")
-
-    # --- evaluation ------------------------------------------------------------------------------------
-    def validate(self) -> dict[str, float] | None:
-        if self.val_set is None:
-            return None
-        rc, dp = self.cfg.run_config, self.cfg.data_provider
-        results = []
-        for size in rc.eval_image_size:
-            if rc.reset_bn:
-                self._reset_bn(size)
-            self.val_set.transform = val_transform(dp, size)
-            loader = build_eval_loader(self.val_set, dp.test_batch_size or 2 * dp.base_batch_size, rank=self.ctx.rank,
-                                       world_size=self.ctx.world_size, workers=dp.n_worker, device=self.device)
-            results.append(evaluate(self.ema.module, loader, self.device, self.ctx, self.amp_dtype,
-                                    progress=self.progress, desc=f"val {size}px"))
-        return {key: sum(r[key] for r in results) / len(results) for key in ("top1", "top5", "loss")}
-
-    def _reset_bn(self, size: int) -> None:
-        """BN statistics of the EMA model from a seeded subset of training images at ``size``."""
-        rc, dp = self.cfg.run_config, self.cfg.data_provider
-        g = torch.Generator().manual_seed(self.seed)
-        subset = torch.randperm(len(self.train_set), generator=g)[:rc.reset_bn_size].tolist()
-        subset_set = copy.copy(self.train_set)
-        subset_set.transform = train_transform(dp, size)
-        loader = build_eval_loader(subset_set, rc.reset_bn_batch_size, rank=self.ctx.rank,
-                                   world_size=self.ctx.world_size, workers=dp.n_worker, device=self.device,
-                                   indices=subset)
-        reestimate_bn(self.ema.module, loader, self.device, self.ctx, self.amp_dtype)
+        return TrainingDiverged(f"non-finite training loss ({value}) at epoch {epoch + 1}, batch {batch}; "
+                                f"training stopped, {kept}")
 
     # --- checkpoints -----------------------------------------------------------------------------------
-    def save(self, epoch: int, is_best: bool, rng: list[dict]) -> None:
-        state = {
-            "state_dict": self.model.state_dict(), "epoch": epoch, "best_val": self.best_top1,
-            "last_val": self.last_top1, "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.scheduler.state_dict(), "ema": {self.cfg.ema_decay: self.ema.module.state_dict()},
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng,
-            "stats": dict(self.stats), "global_step": (epoch + 1) * self.batches_per_epoch,
-            "world_size": self.ctx.world_size,
-        }
-        _save_atomic(state, self.ckpt_dir / "checkpoint.pt")
-        if is_best:
-            _save_atomic(state, self.ckpt_dir / "model_best.pt")
-            _save_atomic(self._eval_weights(), self.ckpt_dir / "evalmodel.pt")
-        _write_text_atomic("checkpoint.pt\n", self.ckpt_dir / "latest.txt")
-
-    def _eval_weights(self) -> dict[str, torch.Tensor]:
-        """EMA weights as the original publishes them: a bare state dict in the original key layout."""
-        return to_original_layout(self.ema.module.state_dict(), self.model)
-
     def _gather_rng(self) -> list[dict]:
-        state = _rng_state()
+        state = rng_state()
         if not self.ctx.distributed:
             return [state]
         gathered: list[Any] = [None] * self.ctx.world_size
         torch.distributed.all_gather_object(gathered, state)
         return gathered
 
-    def _log_metrics(self, row: dict[str, Any]) -> None:
-        path = self.run_dir / "metrics.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=_METRICS)
-            if new:
-                writer.writeheader()
-            writer.writerow({k: row.get(k) for k in _METRICS})
+    def summary(self) -> dict[str, Any]:
+        s, m = self.state, self.task.metric
+        return {
+            "epochs": s.epochs_done, "finished": s.epochs_done >= self.schedule.epochs,
+            f"final_{m}": s.last.get(m) if s.last else None, f"best_{m}": s.best,
+            "best_epoch": None if s.best_epoch is None else s.best_epoch + 1,
+            "images_per_s": s.stats["train_images"] / max(s.stats["train_s"], 1e-9), "wall_s": s.stats["wall_s"],
+            "skipped_images": s.stats["skipped_images"], "model": self.cfg.net_config.name, "task": self.task.name,
+            "world_size": self.ctx.world_size, "global_batch": global_batch_size(self.cfg, self.ctx.world_size),
+            "peak_lr": self.peak_lr, "rank_param_max_diff": s.stats["rank_param_max_diff"],
+            "rank_buffer_max_diff": s.stats.get("rank_buffer_max_diff", 0.0),
+        }
+
+    def _metrics_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+        writer.writeheader()
+        for row in self.state.history:
+            writer.writerow({k: row.get(k) for k in self.columns})
+        return buf.getvalue()
+
+    def commit(self) -> None:
+        """Write the epoch of ``self.state``: every file first, the pointer last (see ``rundir``)."""
+        rd, s = self.rd, self.state
+        ckpt = s.to_checkpoint()
+        rd.save(ckpt, rd.checkpoint)
+        if s.best_epoch == s.epoch or s.epochs_done >= self.schedule.epochs:
+            weights = self.task.eval_weights(self.ema.module, self.model)
+            if s.best_epoch == s.epoch:
+                rd.save(ckpt, rd.best)
+                rd.save(weights, rd.evalmodel)
+            if s.epochs_done >= self.schedule.epochs:
+                rd.save(weights, rd.final)
+        rd.write_text(rd.metrics, self._metrics_csv())
+        rd.write_text(rd.summary, json.dumps(self.summary(), indent=1) + "\n")
+        rd.flip_pointer(s.epoch)
 
     # --- the run ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.prepare_run_dir()
-        wall_start = time.perf_counter()
-        wall_before = self.stats["wall_s"]
-        self._epochs_done = self.start_epoch
+        try:
+            self.prepare()
+            return self._run()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+            if self.ctx.is_main:
+                self.rd.unlock()
+
+    def _run(self) -> dict[str, Any]:
+        wall_start, wall_before = time.perf_counter(), self.state.stats["wall_s"]
+        m = self.task.metric
         ran = 0
-        for epoch in range(self.start_epoch, self.epochs):
+        for epoch in range(self.state.epochs_done, self.schedule.epochs):
             if self.stop_after is not None and ran >= self.stop_after:
                 break
             t = self.train_epoch(epoch)
-            val = self.validate()
-            diff = broadcast_max_diff(self.ctx, self.model)
-            self.stats["train_images"] += t["images"]
-            self.stats["train_s"] += t["seconds"]
-            self.stats["skipped_images"] += t["skipped"]
-            is_best = False
+            val = self.task.validate(self.ema.module, EvalInfo(device=self.device, amp_dtype=self.amp_dtype,
+                                                               progress=self.progress, epoch=epoch))
+            param_diff, buffer_diff = rank_max_diff(self.ctx, self.model)
+            s = self.state
+            s.stats["train_images"] += t["images"]
+            s.stats["train_s"] += t["seconds"]
+            s.stats["skipped_images"] += t["skipped"]
+            s.stats["rank_param_max_diff"], s.stats["rank_buffer_max_diff"] = param_diff, buffer_diff
             if val is not None:
-                self.last_top1 = val["top1"]
-                is_best = self.best_top1 is None or val["top1"] > self.best_top1
-                self.best_top1 = val["top1"] if is_best else self.best_top1
-            self.stats["wall_s"] = wall_before + time.perf_counter() - wall_start
-            rng = self._gather_rng()
+                s.last = dict(val)
+                if self.task.better(val[m], s.best):
+                    s.best, s.best_epoch = val[m], epoch
+            s.stats["wall_s"] = wall_before + time.perf_counter() - wall_start
+            s.epoch, s.global_step = epoch, self.schedule.steps_done(epoch + 1)
+            s.model, s.ema = self.model.state_dict(), self.ema.module.state_dict()
+            s.optimizer = self.optimizer.state_dict()
+            s.scheduler = self.schedule.scheduler.state_dict()
+            s.scaler = self.scaler.state_dict() if self.scaler is not None else None
+            s.rng = self._gather_rng()
+            row = {"epoch": epoch + 1, "lr": t["lr"], "train_loss": round(t["train_loss"], 6),
+                   f"best_{m}": s.best, "skipped_images": t["skipped"],
+                   "images_per_s": round(t["images"] / t["seconds"], 2), "epoch_s": round(t["seconds"], 2),
+                   "rank_param_max_diff": param_diff}
+            row.update({f"val_{k}": (round(val[k], 6) if val else None) for k in self.task.metric_names})
+            s.history = [*s.history, row]
             if self.ctx.is_main:
-                self.save(epoch, is_best, rng)
-                self._log_metrics({
-                    "epoch": epoch + 1, "lr": t["lr"], "train_loss": round(t["train_loss"], 6),
-                    "val_loss": val and round(val["loss"], 6), "val_top1": val and round(val["top1"], 4),
-                    "val_top5": val and round(val["top5"], 4), "best_top1": self.best_top1,
-                    "skipped_images": t["skipped"], "images_per_s": round(t["images"] / t["seconds"], 2),
-                    "epoch_s": round(t["seconds"], 2), "rank_param_max_diff": diff})
+                self.commit()
+                self.logger.scalars("epoch", {k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
+                self.logger.flush()
             if t["skipped"] and self.ctx.is_main:
                 _logger.warning("epoch %d: %d unreadable image(s) skipped", epoch + 1, t["skipped"])
-            self.log("epoch %d/%d: train loss %.4f, lr %.3g%s, %.1f images/s", epoch + 1, self.epochs,
-                         t["train_loss"], t["lr"],
-                         f", val top-1 {val['top1']:.2f} (best {self.best_top1:.2f}) top-5 {val['top5']:.2f}"
-                         if val else "", t["images"] / t["seconds"])
-            self._epochs_done = epoch + 1
+            if buffer_diff and self.ctx.is_main:
+                _logger.info("epoch %d: parameters differ across ranks by at most %g; buffers (BatchNorm running "
+                             "statistics, per rank by design) by %g", epoch + 1, param_diff, buffer_diff)
+            self.log("epoch %d/%d: train loss %.4f, lr %.3g%s, %.1f images/s", epoch + 1, self.schedule.epochs,
+                     t["train_loss"], t["lr"],
+                     f", val {m} {val[m]:.2f} (best {s.best:.2f})" if val else "", t["images"] / t["seconds"])
             ran += 1
             self.ctx.barrier()
-        finished = self._epochs_done >= self.epochs
-        summary = {
-            "epochs": self._epochs_done, "finished": finished, "final_top1": self.last_top1,
-            "best_top1": self.best_top1, "images_per_s": self.stats["train_images"] / max(self.stats["train_s"], 1e-9),
-            "wall_s": self.stats["wall_s"], "skipped_images": self.stats["skipped_images"],
-            "model": self.cfg.net_config.name, "world_size": self.ctx.world_size,
-            "global_batch": global_batch_size(self.cfg, self.ctx.world_size), "peak_lr": self.peak_lr,
-            "rank_param_max_diff": broadcast_max_diff(self.ctx, self.model),
-        }
-        if self.ctx.is_main:
-            if finished:
-                _save_atomic(self._eval_weights(), self.ckpt_dir / "evalmodel_final.pt")
-            _write_text_atomic(json.dumps(summary, indent=1) + "\n", self.run_dir / "summary.json")
-        return summary
+        return self.summary()
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, resume: bool = False, seed: int = 0, amp: str = "none",
-          device: str | None = None, stop_after_epochs: int | None = None, progress: bool = True,
-          ctx: DistContext | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, task: Task | None = None, resume: bool = False,
+          seed: int = 0, amp: str = "none", device: str | None = None, stop_after_epochs: int | None = None,
+          progress: bool = True, allow_config_change: bool = False, initial_checkpoint: str | None = None,
+          log_interval: int = 50, log_wandb: bool = False, ctx: DistContext | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` and return the summary (also written to ``run_dir/summary.json``).
 
     Args:
-        resume: continue from ``run_dir/checkpoint/latest.txt`` exactly where it stopped (weights,
-            optimizer, EMA, scaler, random streams, epoch).
+        task: the task to train; by default the one the config's ``task`` key names (classification).
+        resume: continue from ``run_dir``'s last committed epoch exactly (weights, optimizer, EMA, scaler,
+            random streams); a config that changes the model or the schedule is refused unless
+            ``allow_config_change``.
         seed: initial weights come from ``seed`` on every rank; rank r's randomness from ``seed + r``.
         amp: ``none`` (fp32, the original's default), ``bf16`` or ``fp16`` (CUDA, with a loss scaler).
         stop_after_epochs: stop (resumably) after this many epochs of this invocation, e.g. to fit a job
             time limit; the learning-rate schedule still spans the whole recipe.
+        initial_checkpoint: start a new run from these weights (any layout the loaders read); the task
+            re-initialises what does not fit (the classifier of another class count) and says so.
+        log_interval: micro-batches between TensorBoard scalars (and log lines without progress bars).
+        log_wandb: also log to Weights & Biases (needs the ``wandb`` package).
         ctx: process group context; by default joined from torchrun's environment (or a world of one).
     """
     own = ctx is None
     ctx = ctx or init_distributed(device)
     try:
-        trainer = _Trainer(cfg, Path(run_dir), ctx, resume=resume, seed=seed, amp=amp,
-                           stop_after_epochs=stop_after_epochs, progress=progress)
+        trainer = Trainer(cfg, run_dir, ctx, task=task, resume=resume, seed=seed, amp=amp,
+                          stop_after_epochs=stop_after_epochs, progress=progress,
+                          allow_config_change=allow_config_change, initial_checkpoint=initial_checkpoint,
+                          log_interval=log_interval, log_wandb=log_wandb)
         return trainer.run()
     finally:
         if own:
             ctx.close()
-
-

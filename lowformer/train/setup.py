@@ -21,11 +21,11 @@ from timm.utils import ModelEmaV3
 
 from lowformer.checkpoints import to_original_layout
 from lowformer.models import create_model
-from lowformer.train.config import ConfigError, TrainConfig, warmup_and_total_steps
+from lowformer.train.config import ConfigError, TrainConfig
 
 __all__ = [
     "build_model", "DropPathSchedule", "no_weight_decay_groups", "build_optimizer", "LowformerCosineScheduler",
-    "build_scheduler", "LowformerEma", "build_criterion", "build_mixup",
+    "build_scheduler", "check_schedule", "LowformerEma", "build_criterion", "build_mixup",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -106,13 +106,19 @@ class LowformerCosineScheduler(CosineLRScheduler):
         return super()._get_lr(t)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches_per_epoch: int) -> LowformerCosineScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, warmup: int,
+                    total: int) -> LowformerCosineScheduler:
+    """Per-micro-batch cosine schedule: ``warmup`` steps of warm-up, then ``total`` cosine steps."""
+    rc = cfg.run_config
+    check_schedule(cfg)
+    return LowformerCosineScheduler(optimizer, t_initial=total, lr_min=0.0, warmup_t=warmup,
+                                    warmup_lr_init=rc.warmup_lr, warmup_prefix=True, t_in_epochs=False)
+
+
+def check_schedule(cfg: TrainConfig) -> None:
     rc = cfg.run_config
     if rc.lr_schedule_name != "cosine" or rc.lr_schedule_param:
         raise ConfigError("run_config.lr_schedule_name: only 'cosine' with empty lr_schedule_param is supported")
-    warmup, total = warmup_and_total_steps(cfg, batches_per_epoch)
-    return LowformerCosineScheduler(optimizer, t_initial=total, lr_min=0.0, warmup_t=warmup,
-                                    warmup_lr_init=rc.warmup_lr, warmup_prefix=True, t_in_epochs=False)
 
 
 class LowformerEma(ModelEmaV3):

@@ -1,0 +1,116 @@
+"""The task plug-in interface: what a task (classification, detection, segmentation) gives the loop.
+
+The loop (:mod:`lowformer.train.loop`) owns everything shared: process group (torchrun, gloo/nccl),
+seeding, AMP, the optimizer and per-micro-batch cosine schedule, stochastic depth, EMA, ``bsizemult``
+accumulation, the NaN stop, progress bars and log intervals, the run directory (atomic per-epoch commit,
+lock, exact resume), metrics.csv / summary.json / TensorBoard. A task subclasses :class:`Task` and
+provides::
+
+    name                    registry name, the config's top-level ``task:`` value
+    metric, higher_is_better the key of ``validate()``'s dict that picks the best epoch, and its direction
+    metric_names            the validation keys written as ``val_<key>`` columns, in order
+    build_model()           the network (weights from ``torch.manual_seed(seed)``, same on every rank)
+    build_train_loader()    the rank's loader; its batch sampler (or sampler) has ``set_epoch``
+    loss(model, batch, info) -> LossOutput   forward + loss of one micro-batch (device moves included)
+    validate(model, info)   -> dict of metrics (summed over ranks) or None when the run has no validation
+    eval_weights(ema_model, model) -> the state dict published as evalmodel.pt
+    load_initial(model, path) -> one line saying what was loaded (``--initial-checkpoint``)
+    preview(batch)          optional: an image batch (N, 3, H, W, 0-1) shown in TensorBoard
+
+Tasks read their settings from the shared config groups (``data_provider``, ``run_config``,
+``net_config``, ``backbone_drop``, ``ema_decay``) and from their own section registered with
+:func:`lowformer.train.config.register_section`; :func:`register_task` makes ``task: NAME`` in a config
+select them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from lowformer.train.config import ConfigError, TrainConfig
+from lowformer.train.distributed import DistContext
+from lowformer.train.step import LossOutput
+
+__all__ = ["Task", "StepInfo", "EvalInfo", "LossOutput", "register_task", "create_task"]
+
+
+@dataclass
+class StepInfo:
+    """Where a micro-batch is: passed to :meth:`Task.loss`."""
+
+    epoch: int
+    batch: int
+    step: int
+    progress: float  # 0 during warm-up, 1 at the last step
+    device: torch.device
+    ema_model: nn.Module | None = None
+
+
+@dataclass
+class EvalInfo:
+    """How to validate: passed to :meth:`Task.validate`."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    progress: bool
+    epoch: int
+
+
+class Task:
+    """Base class of a training task; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    metric: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+    metric_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, seed: int) -> None:
+        self.cfg, self.ctx, self.seed = cfg, ctx, seed
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_train_loader(self) -> DataLoader:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any, info: StepInfo) -> LossOutput:
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, info: EvalInfo) -> dict[str, float] | None:
+        raise NotImplementedError
+
+    def eval_weights(self, ema_model: nn.Module, model: nn.Module) -> dict[str, torch.Tensor]:
+        return ema_model.state_dict()
+
+    def load_initial(self, model: nn.Module, path: Path) -> str:
+        raise NotImplementedError(f"the {self.name} task does not take --initial-checkpoint")
+
+    def preview(self, batch: Any) -> torch.Tensor | None:
+        return None
+
+    def describe(self) -> str:
+        """One line about the data, logged at start."""
+        return ""
+
+    def better(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.higher_is_better else value < best)
+
+
+_TASKS: dict[str, Callable[[TrainConfig, DistContext, int], Task]] = {}
+
+
+def register_task(name: str, factory: Callable[[TrainConfig, DistContext, int], Task]) -> None:
+    if name in _TASKS and _TASKS[name] is not factory:
+        raise ValueError(f"task '{name}' is already registered")
+    _TASKS[name] = factory
+
+
+def create_task(cfg: TrainConfig, ctx: DistContext, seed: int) -> Task:
+    if cfg.task not in _TASKS:
+        raise ConfigError(f"config key 'task': unknown task '{cfg.task}' (known: {', '.join(sorted(_TASKS))})")
+    return _TASKS[cfg.task](cfg, ctx, seed)
