@@ -261,3 +261,13 @@ def test_sliding_window_averages_overlaps() -> None:
     # windows at x 0..6 and 4..10 (the last shifted to the border): both of width 6
     assert torch.allclose(out, torch.full((1, 1, 4, 10), 6.0))
     assert not math.isnan(float(out.sum()))
+
+
+def test_onnx_export_matches_pytorch(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from lowformer.deploy.onnx import export_onnx
+    torch.manual_seed(0)
+    model = create_segmenter("semantic_fpn", "lowformer_b0", 5).eval()
+    x = torch.randn(1, 3, 80, 96)  # not a multiple of 32 in height: the padding is exported too
+    result = export_onnx(model, tmp_path / "seg.onnx", x)
+    assert (tmp_path / "seg.onnx").is_file() and result["rel_diff"] < 1e-4
