@@ -271,3 +271,17 @@ def test_onnx_export_matches_pytorch(tmp_path) -> None:
     x = torch.randn(1, 3, 80, 96)  # not a multiple of 32 in height: the padding is exported too
     result = export_onnx(model, tmp_path / "seg.onnx", x)
     assert (tmp_path / "seg.onnx").is_file() and result["rel_diff"] < 1e-4
+
+
+def test_models_and_bench_accept_segmenters(capsys) -> None:
+    import json
+
+    from lowformer.bench.complexity import count_macs
+    from lowformer.bench.featured import build_model
+    from lowformer.cli import main
+    assert main(["models", "segformer:lowformer_b0", "--image-size", "64", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    model = create_segmenter("segformer", "lowformer_b0", 150)
+    assert row["params"] == sum(p.numel() for p in model.parameters())
+    assert row["macs"] == count_macs(model, (3, 64, 64))
+    assert build_model("segformer:lowformer_b0").num_classes == 150

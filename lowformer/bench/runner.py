@@ -51,6 +51,12 @@ class BenchConfig:
     skip_failures: bool = False
 
 
+def _registry_name(name: str) -> str:
+    """A model's registry name; a segmenter ``ARCH:BACKBONE`` is its own name."""
+    from lowformer.segmentation import is_segmenter_spec
+    return name if is_segmenter_spec(name) else resolve_model_name(name)
+
+
 def default_batch_size(mode: str, device: str) -> int:
     """Batch 1 for latency; for throughput 200 on a GPU (the original's) and 16 on a CPU."""
     if mode == "latency":
@@ -75,7 +81,7 @@ def _validate(config: BenchConfig) -> torch.device:
     if config.iterations is not None and config.iterations < 1:
         raise LowformerError("--iterations must be at least 1 (or left out to time for --min-time seconds)")
     for name in config.models:
-        resolve_model_name(name)
+        _registry_name(name)
     return device
 
 
@@ -102,7 +108,7 @@ def _prepare_all(config: BenchConfig, device: torch.device, batch: int) -> dict[
                     target = copy.deepcopy(model) if backend == "channels_last" else model
                     try:
                         p = prepare(target, backend, x, amp=config.amp, opset=config.opset, threads=threads,
-                                    cache_key=resolve_model_name(name),
+                                    cache_key=_registry_name(name),
                                     cache_dir=Path(config.onnx_cache) if config.onnx_cache else None)
                     except Exception as e:  # a backend that cannot take a model is a finding, not a crash
                         if not config.skip_failures:
@@ -139,7 +145,7 @@ def run_benchmark(config: BenchConfig, barrier: Any = None, job: int | None = No
         name, size, backend, threads = key
         timing = summarize(merge(samples[key]))
         records.append({
-            "model": name, "registry_name": resolve_model_name(name), "backend": backend, "mode": config.mode,
+            "model": name, "registry_name": _registry_name(name), "backend": backend, "mode": config.mode,
             "batch_size": batch, "image_size": size, "device": env["device"], "device_type": env["device_type"],
             "threads": threads, "torch_version": env["torch_version"], "timm_version": env["timm_version"],
             "load_avg_1m": loads[key], "omp_wait_policy": env["omp_wait_policy"], "amp": config.amp or "fp32",

@@ -15,7 +15,9 @@ from lowformer.segmentation.models import (
     Segmenter,
     SegmenterError,
     create_segmenter,
+    is_segmenter_spec,
     load_encoder_checkpoint,
+    segmenter_from_spec,
 )
 
 __all__ = [
@@ -31,7 +33,9 @@ __all__ = [
     "eval_transform",
     "find_pairs",
     "infer",
+    "is_segmenter_spec",
     "load_encoder_checkpoint",
+    "segmenter_from_spec",
     "slide_inference",
     "train_transform",
     "whole_inference",
