@@ -12,7 +12,7 @@ import sys
 
 from lowformer.errors import LowformerError
 
-_SUBCOMMANDS = ["quickstart", "models", "train", "eval", "bench", "profile", "export", "seg"]
+_SUBCOMMANDS = ["quickstart", "models", "train", "eval", "bench", "profile", "export", "det", "seg"]
 
 
 def build_parser() -> argparse.ArgumentParser:
