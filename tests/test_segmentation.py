@@ -285,3 +285,20 @@ def test_models_and_bench_accept_segmenters(capsys) -> None:
     assert row["params"] == sum(p.numel() for p in model.parameters())
     assert row["macs"] == count_macs(model, (3, 64, 64))
     assert build_model("segformer:lowformer_b0").num_classes == 150
+
+
+def test_encoder_checkpoint_matches_feature_extractor_of_the_classifier(tmp_path) -> None:
+    import lowformer
+    torch.manual_seed(2)
+    classifier = lowformer.create_model("edgeformer_xs", num_classes=10)
+    with torch.no_grad():
+        for p in classifier.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    path = tmp_path / "cls.pt"
+    torch.save(classifier.state_dict(), path)
+    model = create_segmenter("segformer", "edgeformer_xs", 3, checkpoint_path=path).eval()
+    reference = lowformer.create_model("edgeformer_xs", features_only=True, checkpoint_path=path, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = model.net.encoder.model(x), reference(x)
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))

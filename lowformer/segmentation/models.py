@@ -89,41 +89,21 @@ def _fcn_head(in_channels: int, channels: int, num_classes: int) -> nn.Sequentia
                          nn.Conv2d(channels, num_classes, 1))
 
 
-def load_encoder_checkpoint(encoder: nn.Module, backbone: str, path: str | os.PathLike) -> None:
-    """Load a classification checkpoint of ``backbone`` (any layout ``lowformer.load_checkpoint`` reads)
-    into an smp ``tu-`` encoder; every encoder weight must come from the file."""
-    from lowformer.checkpoints import CheckpointError, load_checkpoint
-    from lowformer.models import create_model
-    classifier = create_model(backbone)
-    own = {k: v.clone() for k, v in classifier.state_dict().items()}
-    with torch.no_grad():
-        for v in classifier.state_dict().values():
-            if v.is_floating_point():
-                v.fill_(float("nan"))
-    load_checkpoint(classifier, path, strict=False)
-    loaded = classifier.state_dict()
-    # timm's feature wrappers flatten the first levels of module names ("stem.0" -> "stem_0") or nest the
-    # model under "model."; map each encoder key to the classifier key it was built from.
-    by_flat: dict[str, str] = {}
-    for key in loaded:
-        parts = key.split(".")
-        for n in range(min(3, len(parts))):
-            by_flat.setdefault("_".join(parts[:n + 1]) + "".join("." + p for p in parts[n + 1:]), key)
-    target = encoder.model.state_dict()
-    new, missing = {}, []
-    for key, value in target.items():
-        src = by_flat.get(key) or by_flat.get(key.removeprefix("model."))
-        if src is None or loaded[src].shape != value.shape or (
-                loaded[src].is_floating_point() and torch.isnan(loaded[src]).any()):
-            if value.is_floating_point():
-                missing.append(key)
-            continue
-        new[key] = loaded[src]
+def load_encoder_checkpoint(encoder: nn.Module, backbone: str, path: str | os.PathLike, **kwargs: Any) -> None:
+    """Load a classification checkpoint of ``backbone`` (any layout ``lowformer.load_checkpoint`` reads,
+    of any class count) into an smp ``tu-`` encoder, through the shared dense-backbone adapter: the same
+    timm feature extractor is built from the loaded classifier and copied over strictly."""
+    from lowformer.dense import create_backbone
+    # smp always returns the deepest map, so the feature extractor ends at the same module.
+    dense = create_backbone(backbone, strides=(max(encoder.model.feature_info.reduction()),),
+                            checkpoint_path=path, **kwargs)
+    own = encoder.model.state_dict()
+    loaded = dense.body.state_dict()
+    missing = [k for k in own if k not in loaded or loaded[k].shape != own[k].shape]
     if missing:
-        raise CheckpointError(f"checkpoint '{path}' lacks {len(missing)} of the {backbone} encoder's weights "
-                              f"(e.g. {', '.join(missing[:3])}); is it a {backbone} classification checkpoint?")
-    del own
-    encoder.model.load_state_dict(new, strict=False)
+        raise SegmenterError(f"checkpoint '{path}': the {backbone} encoder's {missing[0]} has no counterpart in "
+                             f"the feature extractor built from it ({len(missing)} tensors)")
+    encoder.model.load_state_dict({k: loaded[k] for k in own})
 
 
 def create_segmenter(arch: str, backbone: str, num_classes: int, *, checkpoint_path: str | os.PathLike | None = None,
@@ -160,7 +140,10 @@ def create_segmenter(arch: str, backbone: str, num_classes: int, *, checkpoint_p
     except (TypeError, ValueError, RuntimeError) as e:
         raise SegmenterError(f"{arch} on {backbone}: cannot be built ({str(e).splitlines()[0][:200]})") from None
     if checkpoint_path is not None:
-        load_encoder_checkpoint(net.encoder, backbone, checkpoint_path)
+        encoder_kwargs = {k: v for k, v in kwargs.items() if k not in ARCHS[arch].kwargs}
+        if output_stride is not None:
+            encoder_kwargs["output_stride"] = output_stride
+        load_encoder_checkpoint(net.encoder, backbone, checkpoint_path, **encoder_kwargs)
     aux_head, aux_index = None, -1
     if preset.aux_channels:
         aux_index = len(net.encoder.out_channels) - 2  # stride 16: the last but one stage
