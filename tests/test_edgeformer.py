@@ -37,7 +37,8 @@ def test_reproduces_original(variant, checkpoint_files):
     expected = fixture(variant)
     path = checkpoint_files[variant]
     model = lowformer.create_model(variant, checkpoint_path=path).eval()
-    features = lowformer.create_model(variant, checkpoint_path=path, features_only=True).eval()
+    features = lowformer.create_model(variant, checkpoint_path=path, features_only=True, stride2_feature=True,
+                                      out_indices=(0, 1, 2, 3, 4)).eval()
     assert sum(p.numel() for p in model.parameters()) == expected["params"]
     for case, stages in zip(expected["cases"], expected["stages"]["cases"]):
         assert stages["input"] == case["input"]
@@ -218,7 +219,9 @@ def test_gcc_block_non_square_matches_direct_computation():
 
 
 def test_non_square_input_features_and_feature_info():
-    model = lowformer.create_model("edgeformer_xs", features_only=True).eval()
+    assert lowformer.create_model("edgeformer_xs", features_only=True).feature_info.reduction() == [4, 8, 16, 32]
+    model = lowformer.create_model("edgeformer_xs", features_only=True, stride2_feature=True,
+                                   out_indices=(0, 1, 2, 3, 4)).eval()
     assert model.feature_info.reduction() == [2, 4, 8, 16, 32]
     assert model.feature_info.channels() == [32, 64, 96, 128, 160]
     with torch.no_grad():
@@ -242,9 +245,9 @@ def test_model_api():
         assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, 640)
         model.reset_classifier(5)
         assert model(x).shape == (2, 5) and model.get_classifier().out_features == 5
-        final, inter = model.forward_intermediates(x, indices=[1, 3])
+        final, inter = model.forward_intermediates(x, indices=[0, 2])  # taps start at stride 4
         assert [t.shape[1] for t in inter] == [64, 128] and final.shape[1:] == (640, 2, 2)
-    assert model.prune_intermediate_layers([2]) == [2]
+    assert model.prune_intermediate_layers([1]) == [1]
     with torch.no_grad():
         assert model.forward_features(x).shape == (2, 96, 8, 8)
 

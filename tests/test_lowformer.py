@@ -51,7 +51,8 @@ def test_reproduces_original(loaded):
     variant, path = loaded
     expected = fixture(variant)
     model = lowformer.create_model(variant, checkpoint_path=path).eval()
-    features = lowformer.create_model(variant, checkpoint_path=path, features_only=True).eval()
+    features = lowformer.create_model(variant, checkpoint_path=path, features_only=True, stride2_feature=True,
+                                      out_indices=(0, 1, 2, 3, 4)).eval()
     assert sum(p.numel() for p in model.parameters()) == expected["params"]
     assert len(features.feature_info) == len(expected["cases"][0]["features"])
     for case in expected["cases"]:
@@ -68,7 +69,8 @@ def test_reproduces_original(loaded):
 
 def test_feature_info_describes_maps(loaded):
     variant, _ = loaded
-    model = lowformer.create_model(variant, features_only=True)
+    assert lowformer.create_model(variant, features_only=True).feature_info.reduction() == [4, 8, 16, 32]
+    model = lowformer.create_model(variant, features_only=True, stride2_feature=True, out_indices=(0, 1, 2, 3, 4))
     assert model.feature_info.reduction() == [2, 4, 8, 16, 32]
     maps = model(torch.randn(1, 3, 193, 161))
     assert [m.shape[1] for m in maps] == model.feature_info.channels()

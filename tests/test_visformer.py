@@ -29,6 +29,11 @@ def write_original(variant: str, path) -> None:
                 "args": argparse.Namespace(model="visformer", lr=5e-4, qk_scale_factor=-0.5)}, path)
 
 
+# every tap, the stride-2 stem output included (V1 has no stride-4 map)
+STRIDE2_TAPS = {"visformer_tiny": (0, 1, 2, 3), "visformer_small": (0, 1, 2, 3), "visformer_tiny_v2": (0, 1, 2, 3, 4),
+                "visformer_small_v2": (0, 1, 2, 3, 4)}
+
+
 def qk_kwargs(qk_scale: float | None) -> dict:
     return {} if qk_scale is None else {"qk_scale": qk_scale}
 
@@ -65,7 +70,8 @@ def test_features_from_original_checkpoint(variant, tmp_path):
     case = fixture(variant)["cases"][0]
     path = tmp_path / "checkpoint.pth"
     write_original(variant, path)
-    features = lowformer.create_model(name, checkpoint_path=path, features_only=True, **qk_kwargs(qk_scale)).eval()
+    features = lowformer.create_model(name, checkpoint_path=path, features_only=True, stride2_feature=True,
+                                      out_indices=STRIDE2_TAPS[name], **qk_kwargs(qk_scale)).eval()
     with torch.no_grad():
         maps = features(case_input(case))
     assert [list(m.shape) for m in maps] == list(case["features"].values())
@@ -77,10 +83,13 @@ def test_feature_shapes_every_stride(variant):
     name, qk_scale = FIXTURES[variant]
     case = fixture(variant)["cases"][0]
     with torch.device("meta"):
-        features = lowformer.create_model(name, features_only=True, **qk_kwargs(qk_scale))
+        default = lowformer.create_model(name, features_only=True, **qk_kwargs(qk_scale))
+        features = lowformer.create_model(name, features_only=True, stride2_feature=True,
+                                          out_indices=STRIDE2_TAPS[name], **qk_kwargs(qk_scale))
         maps = features(torch.empty(*case_input(case).shape))
     assert [list(m.shape) for m in maps] == list(case["features"].values())
     v1 = qk_scale is None
+    assert default.feature_info.reduction() == ([8, 16, 32] if v1 else [4, 8, 16, 32])
     assert features.feature_info.reduction() == ([2, 8, 16, 32] if v1 else [2, 4, 8, 16, 32])
     assert features.feature_info.channels() == [m.shape[1] for m in maps]
 
@@ -159,7 +168,7 @@ def test_shifted_window_block_equals_masked_global_attention():
     which a position only sees its own window, at -100 for another region of the shift."""
     torch.manual_seed(0)
     dim, heads, size, window, shift = 8, 2, 8, 4, 2
-    block = Block(dim, (size, size), heads, window, shift_size=shift).eval()
+    block = Block(dim, heads, window, shift_size=shift).eval()
     attn = block.attn
     x = torch.randn(1, dim, size, size)
     rolled = torch.roll(x, (-shift, -shift), dims=(2, 3))
@@ -195,13 +204,12 @@ def test_larger_input_uses_shifted_windows_and_resampled_pos_embed(tmp_path):
     # stage 2 holds blocks 5..10 of the network: blocks 5, 7, 9 (stage indices 0, 2, 4) are shifted, in stage 3 blocks 11, 13
     assert [b.shift_size for b in model.stage2] == [7, 0, 7, 0, 7, 0]
     assert [b.shift_size for b in model.stage3] == [3, 0, 3]
-    assert model.stage2[0].attn_mask.shape == (4, 196, 196)
     assert not any("attn_mask" in k for k in model.state_dict())
     with torch.device("meta"):
         meta = lowformer.create_model("visformer_tiny_v2", img_size=448)
         assert meta(torch.empty(1, 3, 448, 448)).shape == (1, 1000)
-    with pytest.raises(ValueError, match="img_size=224"):
-        model(torch.zeros(1, 3, 224, 224))
+    with torch.no_grad():  # other sizes resample the position embeddings instead of refusing
+        assert model.eval()(torch.zeros(1, 3, 224, 224)).shape == (1, 1000)
 
 
 @pytest.mark.parametrize("name, gmacs", [("visformer_tiny", 1.3), ("visformer_small", 4.9),

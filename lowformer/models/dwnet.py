@@ -40,7 +40,8 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models.swin_transformer import PatchMerging
+
+from lowformer.models._dense import check_output_stride, pad_to_multiple
 
 __all__ = ["DWNet", "DWNET_MODELS"]
 
@@ -69,6 +70,7 @@ class DynamicDWConv2d(nn.Module):
         super().__init__()
         self.dim = dim
         self.kernel_size = kernel_size
+        self.dilation = 1
         self.bias = nn.Parameter(torch.zeros(dim, **dd))
         self.reduce = ConvNormAct(dim, dim // reduction_ratio, 1, **dd)
         self.expand = nn.Conv2d(dim // reduction_ratio, dim * kernel_size ** 2, 1, **dd)
@@ -77,8 +79,8 @@ class DynamicDWConv2d(nn.Module):
         B, C, H, W = x.shape
         weight = self.expand(self.reduce(x.mean((2, 3), keepdim=True)))
         weight = weight.reshape(B * C, 1, self.kernel_size, self.kernel_size)
-        x = F.conv2d(x.reshape(1, B * C, H, W), weight, self.bias.repeat(B), padding=self.kernel_size // 2,
-                     groups=B * C)
+        x = F.conv2d(x.reshape(1, B * C, H, W), weight, self.bias.repeat(B),
+                     padding=self.dilation * (self.kernel_size // 2), dilation=self.dilation, groups=B * C)
         return x.reshape(B, C, H, W)
 
 
@@ -102,12 +104,14 @@ class InhomogeneousDWConv2d(nn.Module):
         self.group_channels = group_channels
         self.groups = dim // group_channels
         self.kernel_size = kernel_size
+        self.dilation = 1
         self.reduce = ConvNormAct(dim, dim // reduction_ratio, 1, bias=True, **dd)
         self.expand = nn.Conv2d(dim // reduction_ratio, self.groups * kernel_size ** 2, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        k, pad = self.kernel_size, self.kernel_size // 2
+        k, d = self.kernel_size, self.dilation
+        pad = d * (k // 2)
         # (taps, B, G, 1, H, W): each tap's weights contiguous, broadcast over the group's channels
         weight = self.expand(self.reduce(x)).reshape(B, self.groups, k * k, 1, H, W).movedim(2, 0).contiguous()
         x = F.pad(x, (pad, pad, pad, pad)).reshape(B, self.groups, self.group_channels, H + 2 * pad, W + 2 * pad)
@@ -115,7 +119,7 @@ class InhomogeneousDWConv2d(nn.Module):
         out = weight[0] * x[..., :H, :W]
         for tap in range(1, k * k):
             r, s = divmod(tap, k)
-            out = out.addcmul_(weight[tap], x[..., r:r + H, s:s + W])
+            out = out.addcmul_(weight[tap], x[..., r * d:r * d + H, s * d:s * d + W])
         return out.reshape(B, C, H, W)
 
 
@@ -134,6 +138,9 @@ class DWConvMixer(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
+        self.kernel_size = kernel_size
+        # set by DWNet(window_pad=True); only the dynamic kernels' global average sees the padding
+        self.window_pad = False
         self.pw_in = ConvNormAct(dim, dim, 1, **dd)
         if dw_kernel == "static":
             self.dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, **dd)
@@ -149,7 +156,12 @@ class DWConvMixer(nn.Module):
         self.pw_out = ConvNormAct(dim, dim, 1, apply_act=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pw_out(self.dw_norm(self.dw(self.pw_in(x))))
+        x = self.pw_in(x)
+        if self.window_pad:
+            x = self.dw(pad_to_multiple(x, self.kernel_size))[:, :, :x.shape[2], :x.shape[3]]
+        else:
+            x = self.dw(x)
+        return self.pw_out(self.dw_norm(x))
 
 
 class DWNetBlock(nn.Module):
@@ -184,11 +196,30 @@ class DWNetBlock(nn.Module):
         return x
 
 
-class PatchMerging2d(PatchMerging):
-    """timm's Swin patch merging (same 2x2 concatenation order as the original) on NCHW maps."""
+class PatchMerging2d(nn.Module):
+    """Swin's patch merging (the original's 2x2 concatenation order, odd sides padded) on NCHW maps.
+
+    ``dilation`` > 0 (set by ``output_stride``) keeps the resolution: each pixel concatenates the four
+    pixels ``dilation`` apart, with right/bottom zero padding, the stride-1 form of the same 2x2 kernel."""
+
+    def __init__(self, dim: int, out_dim: int, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.dilation = 0
+        self.norm = nn.LayerNorm(4 * dim, **dd)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        B, C, H, W = x.shape
+        d = self.dilation
+        if d == 0:
+            x = F.pad(x, (0, W % 2, 0, H % 2))
+            x = x.reshape(B, C, (H + 1) // 2, 2, (W + 1) // 2, 2).permute(0, 2, 4, 5, 3, 1).flatten(3)
+        else:
+            x = F.pad(x, (d // 2, d - d // 2, d // 2, d - d // 2))
+            x = torch.cat([x[:, :, i * d:i * d + H, j * d:j * d + W] for j in range(2) for i in range(2)], dim=1)
+            x = x.permute(0, 2, 3, 1)
+        return self.reduction(self.norm(x)).permute(0, 3, 1, 2)
 
 
 class DWNetStage(nn.Module):
@@ -243,6 +274,8 @@ class DWNet(nn.Module):
             global_pool: str = "avg",
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            output_stride: int = 32,
+            window_pad: bool = False,
             device=None,
             dtype=None,
     ):
@@ -263,7 +296,13 @@ class DWNet(nn.Module):
             global_pool: Global pooling type ('' for none).
             drop_rate: Dropout before the classifier.
             drop_path_rate: Stochastic depth, rising linearly over all blocks to this rate.
+            output_stride: 16 or 8 keep the resolution in the last stages: their patch merging becomes
+                stride 1 and their depth-wise kernels dilated (same parameters).
+            window_pad: pad each map right/bottom to a multiple of ``kernel_size`` around the depth-wise
+                operator and crop back, as the original detection and segmentation backbones do (the
+                classifier does not); it changes the dynamic kernels at sizes that are not multiples.
         """
+        check_output_stride("DWNet", output_stride, (8, 16, 32))
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         if dw_kernel not in DW_KERNELS:
@@ -295,12 +334,33 @@ class DWNet(nn.Module):
             in_dim = dim
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
+        self._dilate(output_stride)
+        for m in self.modules():
+            if isinstance(m, DWConvMixer):
+                m.window_pad = window_pad
 
         self.num_features = self.head_hidden_size = in_dim
         self.norm = LayerNorm2d(in_dim, eps=1e-5, **dd)
         self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
 
         self.apply(self._init_weights)
+
+    def _dilate(self, output_stride: int) -> None:
+        """Stages past ``output_stride``: stride-1 merging at the dilation reached so far, then dilated kernels."""
+        prev = 1
+        for stage, info in zip(self.stages, self.feature_info):
+            reduction = info["reduction"]
+            if reduction > output_stride:
+                stage.downsample.dilation = max(prev // output_stride, 1)
+                dilation = reduction // output_stride
+                for block in stage.blocks:
+                    dw = block.mixer.dw
+                    if isinstance(dw, nn.Conv2d):
+                        dw.dilation, dw.padding = (dilation, dilation), (dilation * (dw.kernel_size[0] // 2),) * 2
+                    else:
+                        dw.dilation = dilation
+                info["reduction"] = output_stride
+            prev = reduction
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -471,7 +531,7 @@ def _create_dwnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DWNe
     return build_model_with_cfg(
         DWNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )
 

@@ -35,6 +35,7 @@ from timm.models._features import feature_take_indices
 from timm.models._efficientnet_blocks import InvertedResidual
 
 from lowformer.data.images import BGR_INPUT_NOTE
+from lowformer.models._dense import check_output_stride, default_out_indices, dilate_stages, select_taps
 
 __all__ = ["EdgeFormer"]
 
@@ -240,6 +241,8 @@ class EdgeFormer(nn.Module):
             drop_path_rate: float = 0.,
             act_layer: Type[nn.Module] = nn.SiLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            output_stride: int = 32,
+            stride2_feature: bool = False,
             device=None,
             dtype=None,
     ) -> None:
@@ -259,7 +262,11 @@ class EdgeFormer(nn.Module):
             drop_rate: dropout before the classifier (the original recipe's 0.2).
             proj_drop_rate: dropout after the GCC blocks' MLP (the original recipe's 0.1).
             drop_path_rate: stochastic depth, rising linearly over blocks (not in the original; off by default).
+            output_stride: 16 or 8 make the last stages keep the resolution with dilated convs (DeepLabv3's
+                setting: layer5's downsampling becomes stride 1); circular kernels follow the larger maps.
+            stride2_feature: list the stride-2 stage (``layer_1``) as feature 0, in front of strides 4-32.
         """
+        check_output_stride("EdgeFormer", output_stride, (8, 16, 32))
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
@@ -295,6 +302,8 @@ class EdgeFormer(nn.Module):
             stages.append(nn.Sequential(transition, body))
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{stage_idx}"))
         self.stages = nn.Sequential(*stages)
+        dilate_stages(self.stages, self.feature_info, output_stride)
+        self.feature_info, self.tap_offset = select_taps(self.feature_info, stride2_feature)
 
         self.num_features = self.head_hidden_size = num_features or min(4 * in_chs, 960)
         self.final_conv = ConvNormAct(in_chs, self.num_features, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
@@ -349,11 +358,12 @@ class EdgeFormer(nn.Module):
             output_fmt: str = "NCHW",
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (strides 2 to 32) and, unless ``intermediates_only``, the final features.
+        """Stage outputs at the ``feature_info`` taps (strides 4-32, stride 2 in front with ``stride2_feature``)
+        and, unless ``intermediates_only``, the final features.
 
         Args:
             x: input images.
-            indices: take the last n stages if int, all if None, these stage indices if a sequence.
+            indices: take the last n taps if int, all if None, these tap indices if a sequence.
             norm: no-op, EdgeFormer has no final norm.
             stop_early: stop after the last wanted stage.
             output_fmt: only 'NCHW'.
@@ -361,16 +371,19 @@ class EdgeFormer(nn.Module):
         """
         assert output_fmt == "NCHW", "Output shape must be NCHW."
         intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        offset = self.tap_offset
         x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for idx, stage in enumerate(stages):
+        last = len(self.stages) if torch.jit.is_scripting() or not stop_early else max_index + offset + 1
+        for idx, stage in enumerate(self.stages):
+            if idx >= last:
+                break
             x = stage(x)
-            if idx in take_indices:
+            if idx - offset in take_indices:
                 intermediates.append(x)
         if intermediates_only:
             return intermediates
-        if len(stages) == len(self.stages):
+        if last == len(self.stages):
             x = self.final_conv(x)
         return x, intermediates
 
@@ -381,9 +394,10 @@ class EdgeFormer(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages after the last wanted one (and the final conv and head with them)."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        keep = max_index + self.tap_offset + 1
+        prune_end = keep < len(self.stages)
+        self.stages = self.stages[:keep]
         if prune_end:
             self.final_conv = nn.Identity()
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
@@ -491,7 +505,7 @@ def _create_edgeformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     return build_model_with_cfg(
         EdgeFormer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3, 4), flatten_sequential=True),
+        feature_cfg=dict(out_indices=default_out_indices(kwargs), feature_cls="getter"),
         **kwargs,
     )
 

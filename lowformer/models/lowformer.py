@@ -13,20 +13,23 @@ old ``head.opseq.*`` layout), so nothing here re-implements a layer. This module
 Paper: "LowFormer: Hardware Efficient Design for Convolutional Transformer Backbones",
 https://arxiv.org/abs/2409.03460, code https://github.com/altair199797/LowFormer.
 """
-from __future__ import annotations
-
 import os
 import re
-from typing import Any
+import warnings
+from typing import Any, List, Optional, Tuple, Union
 
+import torch
 import torch.nn as nn
-from timm.models import FeatureListNet
+import timm.models.lowformer as timm_lowformer
+from timm.models import build_model_with_cfg, checkpoint_seq, register_model
+from timm.models._features import feature_take_indices
 
 from lowformer.checkpoints import register_original_layout
-from lowformer.models._registry import create_model, register_feature_cls, register_project_models
+from lowformer.models._dense import check_output_stride, default_out_indices, dilate_stages, select_taps
+from lowformer.models._registry import create_model, register_project_models
 
 __all__ = [
-    "LowFormerFeatures", "LOWFORMER_MODELS", "to_original_state_dict",
+    "LowFormer", "LOWFORMER_MODELS", "to_original_state_dict",
     "get_lowformer_b0", "get_lowformer_b1", "get_lowformer_b15", "get_lowformer_b3",
     "get_lowformer_E1", "get_lowformer_E2", "get_lowformer_E3",
 ]
@@ -37,20 +40,68 @@ LOWFORMER_MODELS = [
 ]
 
 
-class LowFormerFeatures(FeatureListNet):
-    """timm's feature list with the stride-2 stem output in front, as the original backbone returns it
-    (``stage0``, ``stage1``, ``stage2``, ``stage3``, ``stage_final`` at strides 2 to 32)."""
+class LowFormer(timm_lowformer.LowFormer):
+    """timm's LowFormer with what dense prediction needs: ``output_stride`` 8 or 16 (the last stages keep the
+    resolution, their convs dilated; the attention's own pooled keys stay as they are) and, with
+    ``stride2_feature``, the stride-2 stem output as feature 0, as the original backbone returns it (``stage0``).
+    Parameters and state-dict keys are timm's."""
 
-    def __init__(self, model: nn.Module, out_indices: tuple[int, ...] = (0, 1, 2, 3, 4), **kwargs: Any) -> None:
-        if model.feature_info[0]["reduction"] != 2:
-            stem = dict(num_chs=_stem_width(model),
-                        reduction=2, module=f"stem.{len(model.stem) - 1}")
-            model.feature_info = [stem] + list(model.feature_info)
-        super().__init__(model, out_indices=out_indices, **kwargs)
+    def __init__(self, *args: Any, output_stride: int = 32, stride2_feature: bool = False, **kwargs: Any) -> None:
+        check_output_stride("LowFormer", output_stride, (8, 16, 32))
+        super().__init__(*args, **kwargs)
+        dilate_stages(self.stages, self.feature_info, output_stride, keep=(timm_lowformer.ConvAttention,))
+        stem = dict(num_chs=[m for m in self.stem.modules() if isinstance(m, nn.Conv2d)][-1].out_channels,
+                    reduction=2, module="stem")
+        self.feature_info, self.tap_offset = select_taps([stem] + self.feature_info, stride2_feature)
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Maps at the ``feature_info`` taps (strides 4-32, the stem's stride 2 in front with
+        ``stride2_feature``) and, unless ``intermediates_only``, the final features; ``norm`` is a no-op."""
+        assert output_fmt == "NCHW", "Output shape must be NCHW."
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        offset = self.tap_offset
+        x = self.stem(x)
+        if offset == 0 and 0 in take_indices:
+            intermediates.append(x)
+        last = len(self.stages) if torch.jit.is_scripting() or not stop_early else max_index + offset
+        for i, stage in enumerate(self.stages):
+            if i >= last:
+                break
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            if i + 1 - offset in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
 
-def _stem_width(model: nn.Module) -> int:
-    return [m for m in model.stem.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last of ``indices`` (and the head when asked or when it lost its input)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        keep = max_index + self.tap_offset
+        prune_end = keep < len(self.stages)
+        self.stages = self.stages[:keep]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, reset_other=True)
+        return take_indices
 
 
 # Native -> original key fragments, the inverse of timm's checkpoint_filter_fn (applied in this order).
@@ -84,8 +135,52 @@ def to_original_state_dict(state_dict: dict[str, Any], model: nn.Module) -> dict
     return out
 
 
+# timm's configs of each variant, built as this module's LowFormer. Registering under timm's names replaces
+# timm's entry points, so ``timm.create_model`` builds the same model as ``lowformer.create_model``.
+_VARIANT_ARGS = {
+    "lowformer_b0": dict(width_list=[16, 32, 64, 128, 256], depth_list=[0, 1, 1, 3, 4]),
+    "lowformer_b1": dict(width_list=[16, 32, 64, 128, 256], depth_list=[0, 1, 1, 5, 5],
+                         downsample_expand_ratios=(6, 6, 6, 6)),
+    "lowformer_b15": dict(width_list=[20, 40, 80, 160, 320], depth_list=[0, 1, 1, 6, 6], head_widths=(2304, 2560),
+                          downsample_expand_ratios=(6, 6, 6, 6)),
+    "lowformer_b2": dict(width_list=[24, 48, 96, 192, 384], depth_list=[0, 1, 1, 6, 6], head_widths=(2304, 2560),
+                         downsample_expand_ratios=(6, 6, 6, 6)),
+    "lowformer_b3": dict(width_list=[32, 64, 128, 256, 512], depth_list=[1, 2, 3, 6, 6], stem_expand_ratio=4,
+                         downsample_expand_ratios=(6, 6, 6, 6)),
+    "lowformer_e1": dict(width_list=[20, 40, 80, 160, 320], depth_list=[0, 1, 1, 4, 4], head_widths=(2304, 2560),
+                         attn=False, attn_mlp=False, downsample_expand_ratios=(6, 6, 6, 6)),
+    "lowformer_e2": dict(width_list=[32, 64, 128, 256, 512], depth_list=[1, 2, 3, 4, 4], attn=False, attn_mlp=False,
+                         stem_expand_ratio=4, downsample_expand_ratios=(6, 6, 6, 6)),
+    "lowformer_e3": dict(width_list=[32, 64, 128, 256, 512], depth_list=[1, 2, 3, 6, 6], attn_mlp=False,
+                         stem_expand_ratio=4, downsample_expand_ratios=(6, 6, 6, 6)),
+}
+default_cfgs = timm_lowformer.default_cfgs
+checkpoint_filter_fn = timm_lowformer.checkpoint_filter_fn
+
+
+def _create_lowformer(variant: str, pretrained: bool = False, **kwargs: Any) -> LowFormer:
+    return build_model_with_cfg(
+        LowFormer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=default_out_indices(kwargs), feature_cls="getter"),
+        **dict(_VARIANT_ARGS[variant], **kwargs),
+    )
+
+
+def _entrypoint(variant: str):
+    def fn(pretrained: bool = False, **kwargs: Any) -> LowFormer:
+        return _create_lowformer(variant, pretrained=pretrained, **kwargs)
+    fn.__name__ = fn.__qualname__ = variant
+    fn.__doc__ = f"{variant}: timm's configuration, with ``output_stride`` and ``stride2_feature``."
+    return fn
+
+
+with warnings.catch_warnings():  # timm warns that the names it registered are taken over
+    warnings.simplefilter("ignore")
+    for _variant in _VARIANT_ARGS:
+        globals()[_variant] = register_model(_entrypoint(_variant))
+
 register_project_models(LOWFORMER_MODELS)
-register_feature_cls(LOWFORMER_MODELS + ["lowformer_b2"], LowFormerFeatures, (0, 1, 2, 3, 4))
 register_original_layout(LOWFORMER_MODELS + ["lowformer_b2"], to_original_state_dict)
 
 

@@ -1,47 +1,216 @@
-"""Visformer V1 (tiny, small): timm's implementation, plus what loading the original needs.
+"""Visformer V1 (tiny, small): timm's implementation, plus what loading the original and dense prediction need.
 
-timm 1.0.31 ships ``visformer_tiny`` / ``visformer_small`` with the original's architecture and op order
-(its registry entries are kept as they are). This module adds, for ``lowformer.create_model``:
+timm 1.0.31 ships ``visformer_tiny`` / ``visformer_small`` with the original's architecture and op order. This
+module builds them as a subclass of timm's class, registered under timm's names (so ``timm.create_model`` and
+``lowformer.create_model`` give the same model; parameters and keys stay timm's), adding:
 
-* the original checkpoints (``{"model": ..., "args": Namespace, ...}`` with BatchNorm keys under a
-  ``.bn`` wrapper) load through the shared Visformer ``checkpoint_filter_fn``;
-* the original's evaluation crop, resize 256 then center crop 224 (``crop_pct`` 0.875 where timm says
-  0.9), as the models' ``pretrained_cfg``, so ``timm.data.resolve_model_data_config`` reports it;
-* ``features_only`` with the stride-2 stem output in front of the three stages (strides 2, 8, 16, 32;
-  V1 has no stride-4 map).
+* any input size: the position embeddings are resampled (bicubic, timm's rule) when the input is not
+  ``img_size``;
+* ``window_size=(14, 7)``: the original detection backbone's Swin-style shifted windows in the attention
+  stages (14 at stride 16, 7 at stride 32, shifted by half a window in every other block, maps padded
+  right/bottom to the window grid);
+* ``stride2_feature=True``: the stem output (stride 2) as feature 0, in front of the three stages (strides 8,
+  16, 32; V1 has no stride-4 map);
+* the original checkpoints (``{"model": ..., "args": Namespace, ...}`` with BatchNorm keys under a ``.bn``
+  wrapper) load through the shared Visformer ``checkpoint_filter_fn``;
+* the original's evaluation crop, resize 256 then center crop 224 (``crop_pct`` 0.875 where timm says 0.9).
 
 Visformer V2, which timm lacks, is ``lowformer.models.visformer_v2``.
 """
-from __future__ import annotations
+import warnings
+from typing import Any, List, Optional, Tuple, Union
 
-from typing import Any
-
+import timm.models.visformer as timm_visformer
+import torch
 import torch.nn as nn
-from timm.models import FeatureHookNet
+from timm.models import build_model_with_cfg, checkpoint_seq, register_model
+from timm.models._features import feature_take_indices
 
 from lowformer.checkpoints import register_checkpoint_filter
-from lowformer.models._registry import register_feature_cls, register_pretrained_cfg_overlay, register_project_models
-from lowformer.models.visformer_v2 import checkpoint_filter_fn
+from lowformer.models._dense import check_output_stride, default_out_indices, select_taps
+from lowformer.models._registry import register_pretrained_cfg_overlay, register_project_models
+from lowformer.models.visformer_v2 import add_pos_embed, checkpoint_filter_fn, from_windows, to_windows
 
-__all__ = ["VISFORMER_MODELS", "VisformerFeatures"]
+__all__ = ["VISFORMER_MODELS", "Visformer", "WindowedAttention"]
 
 VISFORMER_V1 = ["visformer_tiny", "visformer_small"]
 VISFORMER_MODELS = VISFORMER_V1 + ["visformer_tiny_v2", "visformer_small_v2"]
 
 
-class VisformerFeatures(FeatureHookNet):
-    """timm's V1 features with the stem output in front (``stem``, ``stage1``, ``stage2``, ``stage3``).
+class WindowedAttention(timm_visformer.Attention):
+    """timm's Visformer attention inside (shifted) windows of the map padded to the window grid; same
+    parameters, so it replaces a block's global attention in place."""
 
-    Hooks, not a rewrite: V1 adds its position embeddings in ``forward_features``, outside any module."""
+    def __init__(self, dim: int, num_heads: int, head_dim_ratio: float, window_size: int, shift_size: int = 0,
+                 attn_drop: float = 0., proj_drop: float = 0., device=None, dtype=None) -> None:
+        super().__init__(dim, num_heads, head_dim_ratio, attn_drop, proj_drop, device=device, dtype=dtype)
+        self.window_size = window_size
+        self.shift_size = shift_size
 
-    def __init__(self, model: nn.Module, out_indices: tuple[int, ...] = (0, 1, 2, 3), **kwargs: Any) -> None:
-        if model.feature_info[0]["module"] != "stem":
-            stem = dict(num_chs=model.stem[0].out_channels, reduction=2, module="stem")
-            model.feature_info = [stem] + list(model.feature_info)
-        super().__init__(model, out_indices=out_indices, no_rewrite=True, **kwargs)
+    def _attend(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        B, C, H, W = x.shape
+        N = H * W
+        q, k, v = self.qkv(x).reshape(B, 3, self.num_heads, self.head_dim, N).permute(1, 0, 2, 4, 3).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        if mask is not None:
+            attn = (attn.view(-1, mask.shape[0], self.num_heads, N, N) + mask.unsqueeze(1)).view(B, -1, N, N)
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(x.permute(0, 1, 3, 2).reshape(B, -1, H, W)))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        windows, mask = to_windows(x, self.window_size, self.shift_size)
+        return from_windows(self._attend(windows, mask), self.window_size, self.shift_size, x.shape[2], x.shape[3])
+
+
+class Visformer(timm_visformer.Visformer):
+    """timm's Visformer V1 at any input size, with optional detection windows and stride-2 feature tap."""
+
+    def __init__(
+            self,
+            *args: Any,
+            window_size: Optional[Tuple[int, int]] = None,
+            output_stride: int = 32,
+            stride2_feature: bool = False,
+            **kwargs: Any,
+    ) -> None:
+        check_output_stride("Visformer", output_stride)
+        super().__init__(*args, **kwargs)
+        for i in (1, 2, 3):
+            patch_embed = getattr(self, f"patch_embed{i}")
+            if patch_embed is not None:
+                patch_embed.strict_img_size = False
+        if window_size is not None:
+            self._use_windows(window_size)
+        taps = list(self.feature_info)
+        if self.stem is not None:
+            taps = [dict(num_chs=self.stem[0].out_channels, reduction=2, module="stem")] + taps
+        self.feature_info, self.tap_offset = select_taps(taps, stride2_feature)
+        if self.stem is None:
+            self.tap_offset = 1
+
+    def _use_windows(self, window_size: Tuple[int, int]) -> None:
+        # the shift alternates with the block's index in the whole network, as in Visformer V2
+        first = len(self.stage1)
+        for stage, window in ((self.stage2, window_size[0]), (self.stage3, window_size[1])):
+            for j, block in enumerate(stage):
+                old = block.attn
+                if old is not None:
+                    block.attn = WindowedAttention(
+                        old.dim, old.num_heads, old.head_dim / (old.dim // old.num_heads), window,
+                        window // 2 if (first + j) % 2 else 0, old.attn_drop.p, old.proj_drop.p,
+                        device=old.qkv.weight.device, dtype=old.qkv.weight.dtype)
+                    block.attn.load_state_dict(old.state_dict())
+            first += len(stage)
+
+    def _run_stage(self, x: torch.Tensor, patch_embed: Optional[nn.Module], pos_embed: Optional[torch.Tensor],
+                   stage: nn.Module) -> torch.Tensor:
+        if patch_embed is not None:
+            x = patch_embed(x)
+            if pos_embed is not None:
+                x = self.pos_drop(add_pos_embed(x, pos_embed))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Maps at the ``feature_info`` taps (stages 1-3, the stem in front with ``stride2_feature``) and,
+        unless ``intermediates_only``, the final features; ``norm`` normalises the last stage's map."""
+        assert output_fmt == "NCHW", "Output shape must be NCHW."
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        offset = self.tap_offset
+        last_tap = len(self.feature_info) - 1
+        last = 3 if torch.jit.is_scripting() or not stop_early else max_index + offset
+        intermediates = []
+        if self.stem is not None:
+            x = self.stem(x)
+        if offset == 0 and 0 in take_indices:
+            intermediates.append(x)
+        stages = [(self.patch_embed1, self.pos_embed1, self.stage1), (self.patch_embed2, self.pos_embed2, self.stage2),
+                  (self.patch_embed3, self.pos_embed3, self.stage3)]
+        for i, (patch_embed, pos_embed, stage) in enumerate(stages):
+            if i >= last:
+                break
+            x = self._run_stage(x, patch_embed, pos_embed, stage)
+            tap = i + 1 - offset
+            if tap in take_indices:
+                intermediates.append(self.norm(x) if norm and tap == last_tap else x)
+        if intermediates_only:
+            return intermediates
+        if last == 3:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Remove the stages after the last of ``indices`` (and the norm / head when asked)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        keep = max_index + self.tap_offset
+        for n in range(keep + 1, 4):
+            setattr(self, f"patch_embed{n}", None)
+            setattr(self, f"pos_embed{n}", None)
+            setattr(self, f"stage{n}", nn.Sequential())
+        prune_end = keep < 3
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stem is not None:
+            x = self.stem(x)
+        x = self._run_stage(x, self.patch_embed1, self.pos_embed1, self.stage1)
+        x = self._run_stage(x, self.patch_embed2, self.pos_embed2, self.stage2)
+        x = self._run_stage(x, self.patch_embed3, self.pos_embed3, self.stage3)
+        return self.norm(x)
+
+
+_VARIANT_ARGS = {
+    "visformer_tiny": dict(init_channels=16, embed_dim=192, num_heads=3),
+    "visformer_small": dict(init_channels=32, embed_dim=384, num_heads=6),
+}
+default_cfgs = timm_visformer.default_cfgs
+
+
+def _create_visformer(variant: str, pretrained: bool = False, **kwargs: Any) -> Visformer:
+    model_args = dict(depth=(7, 4, 4), mlp_ratio=4., group=8, attn_stage="011", spatial_conv="100",
+                      norm_layer=nn.BatchNorm2d, conv_init=True, embed_norm=nn.BatchNorm2d, **_VARIANT_ARGS[variant])
+    out_indices = kwargs.pop("out_indices", default_out_indices(kwargs, 3))
+    return build_model_with_cfg(
+        Visformer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **dict(model_args, **kwargs),
+    )
+
+
+def _entrypoint(variant: str):
+    def fn(pretrained: bool = False, **kwargs: Any) -> Visformer:
+        return _create_visformer(variant, pretrained=pretrained, **kwargs)
+    fn.__name__ = fn.__qualname__ = variant
+    fn.__doc__ = f"{variant}: timm's configuration, at any input size, with ``window_size`` and ``stride2_feature``."
+    return fn
+
+
+with warnings.catch_warnings():  # timm warns that the names it registered are taken over
+    warnings.simplefilter("ignore")
+    for _variant in _VARIANT_ARGS:
+        globals()[_variant] = register_model(_entrypoint(_variant))
 
 register_project_models(VISFORMER_MODELS)
 register_checkpoint_filter(VISFORMER_V1, checkpoint_filter_fn)
-register_feature_cls(VISFORMER_V1, VisformerFeatures, (0, 1, 2, 3))
 register_pretrained_cfg_overlay(VISFORMER_V1, crop_pct=0.875)

@@ -37,12 +37,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    DropPath, PatchEmbed, calculate_drop_path_rates, create_classifier, get_device_dtype, to_2tuple, trunc_normal_,
+    DropPath, PatchEmbed, calculate_drop_path_rates, create_classifier, get_device_dtype, register_notrace_function,
+    resample_abs_pos_embed_nhwc, to_2tuple, trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import get_relative_position_index
 from timm.models.visformer import SpatialMlp
+
+from lowformer.models._dense import check_output_stride, default_out_indices, pad_to_multiple, select_taps
 
 __all__ = ["VisformerV2"]
 
@@ -50,6 +53,7 @@ __all__ = ["VisformerV2"]
 _WINDOWS = (56, 28, 14, 7)
 
 
+@register_notrace_function  # reads its sizes from the input shape
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, C, H, W) -> (B * num_windows, C, window, window), windows in row-major order."""
     B, C, H, W = x.shape
@@ -57,6 +61,7 @@ def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, C, window, window)
 
 
+@register_notrace_function  # reads its sizes from the input shape
 def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.Tensor:
     """Inverse of :func:`window_partition`."""
     C = windows.shape[1]
@@ -64,18 +69,50 @@ def window_reverse(windows: torch.Tensor, window: int, H: int, W: int) -> torch.
     return x.permute(0, 3, 1, 4, 2, 5).reshape(-1, C, H, W)
 
 
-def shifted_window_mask(size: Tuple[int, int], window: int, shift: int, device=None) -> torch.Tensor:
-    """Swin's -100 mask (num_windows, window^2, window^2) that keeps the cyclic shift from mixing regions."""
-    img = torch.zeros(1, 1, *size, device=device)
-    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    region = 0
-    for h in slices:
-        for w in slices:
-            img[:, :, h, w] = region
-            region += 1
-    regions = window_partition(img, window).flatten(1)
+@register_notrace_function  # builds the mask for the input's size
+def shifted_window_mask(x: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """Swin's -100 mask (num_windows, window^2, window^2) for the (padded, rolled) map ``x``: it keeps the
+    cyclic shift from mixing the three bands along each side (the last ``shift``, the ``window - shift``
+    before them, the rest)."""
+    H, W = x.shape[-2], x.shape[-1]
+    rows = torch.arange(H, device=x.device)
+    cols = torch.arange(W, device=x.device)
+    band_h = (rows >= H - window).long() + (rows >= H - shift).long()
+    band_w = (cols >= W - window).long() + (cols >= W - shift).long()
+    region = (band_h[:, None] * 3 + band_w[None, :]).to(x.dtype)[None, None]
+    regions = window_partition(region, window).flatten(1)
     mask = regions.unsqueeze(1) - regions.unsqueeze(2)
-    return mask.masked_fill(mask != 0, -100.0)
+    return torch.zeros_like(mask).masked_fill(mask != 0, -100.0)
+
+
+@register_notrace_function  # resizes to the input's size
+def add_pos_embed(x: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+    """``x + pos_embed``, the embedding resampled (timm's bicubic rule) when ``x`` has another size than the
+    one the model was built for."""
+    size = (x.shape[-2], x.shape[-1])
+    if pos_embed.shape[-2] != size[0] or pos_embed.shape[-1] != size[1]:
+        pos_embed = resample_abs_pos_embed_nhwc(pos_embed.permute(0, 2, 3, 1), list(size)).permute(0, 3, 1, 2)
+    return x + pos_embed
+
+
+def to_windows(x: torch.Tensor, window: int, shift: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The map padded to the window grid, cyclically shifted by ``shift``, cut into windows; with the mask
+    that keeps shifted regions that are not neighbours from mixing (None without shift)."""
+    x = pad_to_multiple(x, window)
+    mask: Optional[torch.Tensor] = None
+    if shift > 0:
+        x = torch.roll(x, shifts=(-shift, -shift), dims=(2, 3))
+        mask = shifted_window_mask(x, window, shift)
+    return window_partition(x, window), mask
+
+
+def from_windows(windows: torch.Tensor, window: int, shift: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`to_windows` for an H x W map: windows joined, shifted back, padding cropped."""
+    Hp, Wp = H + (window - H % window) % window, W + (window - W % window) % window
+    x = window_reverse(windows, window, Hp, Wp)
+    if shift > 0:
+        x = torch.roll(x, shifts=(shift, shift), dims=(2, 3))
+    return x[:, :, :H, :W]
 
 
 class WindowAttention(nn.Module):
@@ -136,13 +173,12 @@ class WindowAttention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block. Without attention (the convolutional stages) only the MLP branch exists,
-    with its grouped 3x3 conv; with attention, the map is split into windows (cyclically shifted when
-    ``shift_size`` > 0) and the MLP is a plain 4x one."""
+    with its grouped 3x3 conv; with attention, the map is padded to the ``window_size`` grid and split into
+    windows (cyclically shifted when ``shift_size`` > 0) and the MLP is a plain 4x one."""
 
     def __init__(
             self,
             dim: int,
-            input_size: Tuple[int, int],
             num_heads: int,
             window_size: int,
             shift_size: int = 0,
@@ -160,8 +196,6 @@ class Block(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if min(input_size) <= window_size:
-            window_size, shift_size = min(input_size), 0
         self.window_size = window_size
         self.shift_size = shift_size
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -169,29 +203,21 @@ class Block(nn.Module):
             self.norm1 = None
             self.attn = None
         else:
-            if input_size[0] % window_size or input_size[1] % window_size:
-                raise ValueError(f"Visformer V2: a {input_size[0]}x{input_size[1]} map cannot be split into "
-                                 f"{window_size}x{window_size} windows; use an img_size that is a multiple of 224")
             self.norm1 = norm_layer(dim, **dd)
             self.attn = WindowAttention(dim, window_size, num_heads, qk_scale=qk_scale, attn_drop=attn_drop,
                                         proj_drop=proj_drop, **dd)
-        mask = shifted_window_mask(input_size, window_size, shift_size, device) if self.attn is not None and shift_size else None
-        self.register_buffer('attn_mask', mask, persistent=False)
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = SpatialMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, group=group,
                               spatial_conv=attn_disabled, **dd)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        if self.shift_size:
-            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(2, 3))
-        x = window_reverse(self.attn(window_partition(x, self.window_size), self.attn_mask), self.window_size, H, W)
-        if self.shift_size:
-            x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(2, 3))
-        return x
+        windows, mask = to_windows(x, self.window_size, self.shift_size)
+        attn = self.attn
+        assert attn is not None
+        return from_windows(attn(windows, mask), self.window_size, self.shift_size, x.shape[2], x.shape[3])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.attn is not None:
+        if self.norm1 is not None:
             x = x + self.drop_path(self._attention(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -225,12 +251,15 @@ class VisformerV2(nn.Module):
             drop_path_rate: float = 0.,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             global_pool: str = 'avg',
+            window_size: Optional[Tuple[int, int]] = None,
+            output_stride: int = 32,
+            stride2_feature: bool = False,
             device=None,
             dtype=None,
     ):
         """
         Args:
-            img_size: input side the position embeddings and windows are built for (224 or a multiple).
+            img_size: input side the position embeddings are built for (other sizes resample them).
             init_channels: stem width.
             embed_dim: width of stage 2; stages 0, 1, 3 have 1/4, 1/2 and 2x that.
             depth: blocks per stage.
@@ -241,7 +270,13 @@ class VisformerV2(nn.Module):
             drop_rate: dropout before the classifier; pos_drop_rate after each position embedding;
                 proj_drop_rate inside the MLPs and after the attention projection.
             drop_path_rate: stochastic depth, growing linearly over all blocks.
+            window_size: the original detection backbone's windows, e.g. (14, 7): windows of that side at
+                strides 16 and 32, cyclically shifted by half a window (7, 3) in every other block, maps padded
+                right/bottom to the window grid at any input size. None: the classifier's windows (14, 7; a
+                stage shifts them only when its map at ``img_size`` holds more than one window).
+            stride2_feature: list the stem output (stride 2) as feature 0, in front of strides 4-32.
         """
+        check_output_stride("Visformer V2", output_stride)
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.num_classes = num_classes
@@ -258,26 +293,31 @@ class VisformerV2(nn.Module):
             nn.ReLU(inplace=True),
         )
         size = tuple(s // 2 for s in self.img_size)
-        self.feature_info = [dict(num_chs=init_channels, reduction=2, module='stem')]
+        taps = [dict(num_chs=init_channels, reduction=2, module='stem')]
+        windows = list(_WINDOWS) if window_size is None else list(_WINDOWS[:2]) + list(window_size)
         self.pos_drop = nn.Dropout(pos_drop_rate)
         in_chs, first = init_channels, 0
         for i, (width, n) in enumerate(zip(widths, depth)):
             setattr(self, f'patch_embed{i}', PatchEmbed(
                 img_size=size, patch_size=2, in_chans=in_chs, embed_dim=width, norm_layer=norm_layer,
-                flatten=False, **dd))
+                flatten=False, strict_img_size=False, **dd))
             size = tuple(s // 2 for s in size)
             setattr(self, f'pos_embed{i}', nn.Parameter(torch.zeros(1, width, *size, **dd)))
+            # the classifier shifts only where its map holds several windows; the detection windows always do
+            shifted = window_size is not None or min(size) > windows[i]
             # the shift alternates with the block's index in the whole network, not within the stage
             setattr(self, f'stage{i}', nn.Sequential(*[
                 Block(
-                    width, size, num_heads[i], _WINDOWS[i], shift_size=_WINDOWS[i] // 2 if (first + j) % 2 else 0,
+                    width, num_heads[i], windows[i],
+                    shift_size=windows[i] // 2 if shifted and (first + j) % 2 else 0,
                     attn_disabled=attn_stage[i] == '0', qk_scale=qk_scale, mlp_ratio=mlp_ratio,
                     proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[first + j],
                     norm_layer=norm_layer, group=group, **dd)
                 for j in range(n)
             ]))
-            self.feature_info.append(dict(num_chs=width, reduction=2 ** (i + 2), module=f'stage{i}'))
+            taps.append(dict(num_chs=width, reduction=2 ** (i + 2), module=f'stage{i}'))
             in_chs, first = width, first + n
+        self.feature_info, self.tap_offset = select_taps(taps, stride2_feature)
         self.num_features = self.head_hidden_size = widths[-1]
         self.norm = norm_layer(self.num_features, **dd)
         self.global_pool, self.head = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
@@ -330,16 +370,10 @@ class VisformerV2(nn.Module):
 
     def _run_stage(self, x: torch.Tensor, patch_embed: nn.Module, pos_embed: torch.Tensor,
                    stage: nn.Module) -> torch.Tensor:
-        x = self.pos_drop(patch_embed(x) + pos_embed)
+        x = self.pos_drop(add_pos_embed(patch_embed(x), pos_embed))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(stage, x)
         return stage(x)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"Visformer V2 was built for {self.img_size[0]}x{self.img_size[1]} inputs, got "
-                             f"{x.shape[-2]}x{x.shape[-1]}; create it with img_size={x.shape[-2]} (a multiple of "
-                             "224), checkpoints for another size are resampled when loaded")
 
     def forward_intermediates(
             self,
@@ -354,25 +388,29 @@ class VisformerV2(nn.Module):
 
         Args:
             x: input images.
-            indices: take the last n features if int, all if None, those listed if a sequence; index 0 is
-                the stem (stride 2), 1-4 the stages 0-3 (strides 4-32).
+            indices: take the last n taps if int, all if None, those listed if a sequence; taps are the
+                stages 0-3 (strides 4-32), after the stem (stride 2) with ``stride2_feature``.
             norm: apply the final norm to the last intermediate.
             stop_early: stop after the last requested intermediate.
             output_fmt: only 'NCHW'.
             intermediates_only: return the intermediates only.
         """
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(5, indices)
-        stages = self._stages()[:max_index] if stop_early else self._stages()
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        offset = self.tap_offset
+        last_tap = len(self.feature_info) - 1
+        stages = self._stages()
+        if stop_early and not torch.jit.is_scripting():
+            stages = stages[:max_index + offset]
         intermediates = []
         x = self.stem(x)
-        if 0 in take_indices:
+        if offset == 0 and 0 in take_indices:
             intermediates.append(x)
-        for i, stage in enumerate(stages, start=1):
-            x = self._run_stage(x, *stage)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm and i == 4 else x)
+        for i, (patch_embed, pos_embed, blocks) in enumerate(stages):
+            x = self._run_stage(x, patch_embed, pos_embed, blocks)
+            tap = i + 1 - offset
+            if tap in take_indices:
+                intermediates.append(self.norm(x) if norm and tap == last_tap else x)
         if intermediates_only:
             return intermediates
         if len(stages) == 4:
@@ -386,12 +424,13 @@ class VisformerV2(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Remove the stages after the last of ``indices`` (and the norm / head when asked)."""
-        take_indices, max_index = feature_take_indices(5, indices)
-        for i in range(max_index, 4):
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        keep = max_index + self.tap_offset
+        for i in range(keep, 4):
             setattr(self, f'patch_embed{i}', None)
             setattr(self, f'pos_embed{i}', None)
             setattr(self, f'stage{i}', nn.Sequential())
-        prune_end = max_index < 4
+        prune_end = keep < 4
         if prune_norm or prune_end:
             self.norm = nn.Identity()
         if prune_end:
@@ -401,7 +440,6 @@ class VisformerV2(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         x = self.stem(x)
         for stage in self._stages():
             x = self._run_stage(x, *stage)
@@ -438,7 +476,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create_visformer_v2(variant: str, pretrained: bool = False, **kwargs: Any) -> VisformerV2:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3, 4))
+    out_indices = kwargs.pop('out_indices', default_out_indices(kwargs))
     return build_model_with_cfg(
         VisformerV2, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
@@ -450,7 +488,7 @@ def _create_visformer_v2(variant: str, pretrained: bool = False, **kwargs: Any) 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stem.0', 'classifier': 'head', 'license': 'apache-2.0',
         'paper_ids': 'arXiv:2104.12533', 'origin_url': 'https://github.com/danczs/Visformer',

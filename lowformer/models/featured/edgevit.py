@@ -26,6 +26,7 @@ import torch.nn as nn
 from timm.layers import ConvMlp, DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import featured_cfg
 from lowformer.models.featured._pyramid import PyramidClassifier, Stage, map_self_attention
@@ -298,6 +299,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_edgevit(variant: str, pretrained: bool = False, **kwargs: Any) -> EdgeVit:
+    check_output_stride("EdgeViT", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         EdgeVit, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -26,6 +26,7 @@ from timm.layers import Attention, DropPath, LayerNorm2d, LayerScale, calculate_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import StagedNet, featured_cfg
 
@@ -238,6 +239,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_efficientmod(variant: str, pretrained: bool = False, **kwargs: Any) -> EfficientMod:
+    check_output_stride("EfficientMod", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         EfficientMod, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

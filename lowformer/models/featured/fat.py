@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, calculate_drop_path_rates, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import featured_cfg
 from lowformer.models.featured._pyramid import PyramidClassifier, Stage
@@ -254,6 +255,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_fat(variant: str, pretrained: bool = False, **kwargs: Any) -> FAT:
+    check_output_stride("FAT", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         FAT, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

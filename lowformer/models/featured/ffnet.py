@@ -28,6 +28,7 @@ from timm.layers import DropPath, LayerScale2d, calculate_drop_path_rates, trunc
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import StagedNet, featured_cfg, rename_prefix
 
@@ -319,6 +320,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_ffnet(variant: str, pretrained: bool = False, **kwargs: Any) -> FFNet:
+    check_output_stride("FFNet", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         FFNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -31,6 +31,7 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import featured_cfg
 from lowformer.models.featured._pyramid import PyramidClassifier, Stage, map_self_attention
@@ -365,6 +366,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_inception_transformer(variant: str, pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
+    check_output_stride("Inception Transformer", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         InceptionTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -29,6 +29,7 @@ from timm.layers import (
 from timm.layers._fx import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
 from lowformer.models.featured._base import StagedNet, featured_cfg, rename_prefix
 
@@ -276,6 +277,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_mobilevig(variant: str, pretrained: bool = False, **kwargs: Any) -> MobileViG:
+    check_output_stride("MobileViG", kwargs.pop("output_stride", 32))
     return build_model_with_cfg(
         MobileViG, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
