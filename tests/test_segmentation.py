@@ -24,7 +24,7 @@ from lowformer.segmentation import (
 )
 
 # One small model per family; every family goes through one head in CI, the full matrix is slow.
-FAMILIES = ["lowformer_b0", "edgeformer_xs", "dwnet_tiny", "visformer_tiny", "visformer_tiny_v2",
+FAMILIES = ["lowformer_b0", "edgeformer_xs", "dwnet_tiny", "visformer_tiny_v2",
             "efficientmod_xxs", "mobilevig_ti", "ffnet_1"]
 
 
@@ -70,6 +70,12 @@ def test_each_family_in_one_head(backbone: str) -> None:
 @pytest.mark.parametrize("backbone", FAMILIES)
 def test_full_matrix(arch: str, backbone: str) -> None:
     _train_step_and_predict(create_segmenter(arch, backbone, num_classes=4), (96, 64))
+
+
+def test_backbone_without_stride_4_map_is_one_clear_error() -> None:
+    # Visformer V1's taps are at strides 8/16/32; smp's decoders need the 4-32 pyramid.
+    with pytest.raises(SegmenterError, match="visformer_tiny: cannot be built"):
+        create_segmenter("semantic_fpn", "visformer_tiny", 3)
 
 
 def test_upernet_has_aux_fcn_head_in_training_only() -> None:

@@ -82,3 +82,14 @@ def test_bad_input_is_one_line(tmp_path, capsys) -> None:
     assert main(["seg", "train", "configs/cls/cifar10/b0.yaml", "--path", str(tmp_path / "x")]) == 2
     assert "task: segmentation" in capsys.readouterr().err
     assert main(["seg", "eval", "--run", str(tmp_path / "none"), "--data", str(data)]) == 2
+
+
+@pytest.mark.parametrize("recipe", ["composite/fpn_b0", "ade20k/upernet_dwnet_tiny", "ade20k/fpn_lowformer_b0",
+                                    "voc/deeplabv3_edgeformer_s"])
+def test_shipped_recipes_load(recipe: str) -> None:
+    import lowformer.segmentation.task  # noqa: F401  (registers the section)
+    from lowformer.train import load_config
+    cfg = load_config(f"configs/seg/{recipe}.yaml")
+    sc = cfg.section("segmentation")
+    assert cfg.task == "segmentation" and sc.num_classes in (11, 150, 21)
+    assert not sc.class_names or len(sc.class_names) == sc.num_classes
