@@ -52,7 +52,11 @@ fi
 "$PY" -m lowformer seg eval --run "$RUN" --data "$DATA" --split val --out "$RUN/val_scores.json"
 
 wall=$(( $(date +%s) - start ))
-read -r _ _ cu cs < <(times | tr '\n' ' ' | sed 's/[ms]/ /g' | awk '{print $1*60+$2, $3*60+$4, $5*60+$6, $7*60+$8}')
+# `times` must run in this shell (a subshell has no children); its second line is the children's user/sys.
+times_file=$(mktemp)
+times > "$times_file"
+read -r cu cs < <(tail -1 "$times_file" | sed 's/[ms]/ /g' | awk '{print $1*60+$2, $3*60+$4}')
+rm -f "$times_file"
 "$PY" - "$RUN" "$wall" "$cu" "$cs" "$PRETRAIN_EPOCHS" "$SEG_EPOCHS" <<'PYEOF'
 import json, os, platform, sys
 import torch, timm, segmentation_models_pytorch as smp
