@@ -264,3 +264,195 @@ def test_schedule_answers_step_and_progress_in_one_place():
     assert (sched.epochs, sched.warmup_steps, sched.cosine_steps) == (6, 10, 20)
     assert sched.global_step(3, 2) == 17 and sched.steps_done(3) == 15
     assert [sched.progress(t) for t in (0, 9, 10, 20, 30)] == [0.0, 0.0, 0.0, 0.5, 1.0]
+
+
+def test_fine_tune_a_1000_class_checkpoint_on_the_bundled_cifar10_images(tmp_path, caplog):
+    """--initial-checkpoint: every tensor but the classifier comes from the checkpoint (lr 0 keeps them), the
+    classifier is the fresh 10-class one, and one line says so."""
+    import timm
+    torch.manual_seed(1)
+    source = timm.create_model("test_efficientnet", num_classes=1000).state_dict()
+    torch.save({"state_dict": source, "epoch": 90}, tmp_path / "in1k.pth")
+    data = make_data(tmp_path / "data", classes=10, train=2, val=1)
+    cfg = load_config("configs/cls/imagenet/b1.yaml", tiny_overrides(
+        data, run_config={"n_epochs": 1, "warmup_epochs": 0, "base_lr": 0.0, "mixup_config": None},
+        data_provider={"image_size": [32], "data_aug": None}))
+    with caplog.at_level(logging.INFO):
+        train(cfg, tmp_path / "run", progress=False, initial_checkpoint=str(tmp_path / "in1k.pth"))
+    assert f"initial weights: {tmp_path / 'in1k.pth'}; classifier re-initialised for 10 classes (the checkpoint has " \
+           "1000)" in caplog.text
+    tuned = read_checkpoint(tmp_path / "run/checkpoint/checkpoint.pt")["state_dict"]
+    torch.manual_seed(0)
+    fresh = build_model(cfg, num_classes=10).state_dict()
+    for k, v in tuned.items():
+        if k.startswith("classifier."):
+            assert v.shape[0] == 10 and torch.equal(v, fresh[k]), k
+        elif "running_" not in k and v.is_floating_point():  # BN statistics move even at lr 0
+            assert torch.equal(v, source[k]), k
+    # The flag, in both spellings, reaches the same option.
+    from lowformer.cli import build_parser
+    for flag in ("--initial-checkpoint", "--initial_checkpoint"):
+        args, extra = build_parser().parse_known_args(["train", "c.yaml", "--path", "r", flag, "w.pt"])
+        assert args.initial_checkpoint == "w.pt" and not extra
+
+
+def test_initial_checkpoint_of_another_model_is_one_line(tmp_path):
+    import timm
+    torch.save(timm.create_model("test_vit", num_classes=10).state_dict(), tmp_path / "vit.pth")
+    data = make_data(tmp_path / "data")
+    cfg = load_config("configs/cls/imagenet/b1.yaml", tiny_overrides(data))
+    from lowformer.errors import LowformerError
+    with pytest.raises(LowformerError, match="vit.pth") as e:
+        train(cfg, tmp_path / "run", progress=False, initial_checkpoint=str(tmp_path / "vit.pth"))
+    assert "\n" not in str(e.value)
+
+
+def test_tensorboard_events_log_interval_and_timm_ema_loading(tmp_path, caplog):
+    import timm
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    data = make_data(tmp_path / "data")
+    cfg = load_config("configs/cls/imagenet/b1.yaml", tiny_overrides(data))
+    with caplog.at_level(logging.INFO):
+        train(cfg, tmp_path / "run", progress=False, log_interval=1)
+    # --log-interval without progress bars: a line per interval.
+    assert "epoch 1/2, batch 1/2: loss" in caplog.text and "epoch 2/2, batch 2/2: loss" in caplog.text
+    acc = EventAccumulator(str(tmp_path / "run"))
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "train/lr", "epoch/train_loss", "epoch/val_top1", "epoch/best_top1"} <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]  # every micro-batch of both epochs
+    assert [e.step for e in acc.Scalars("epoch/val_top1")] == [1, 2]
+    rows = (tmp_path / "run/metrics.csv").read_text().splitlines()
+    top1 = [float(r.split(",")[4]) for r in rows[1:]]
+    assert [e.value for e in acc.Scalars("epoch/val_top1")] == pytest.approx(top1)
+    assert "train/first_batch" in tags["images"]
+    first = acc.Images("train/first_batch")[0]
+    assert first.height in (24, 32) and first.width == 4 * first.height  # the batch of 4, side by side
+    assert "config/text_summary" in tags["tensors"]
+    text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "test_efficientnet" in text and "base_batch_size: 4" in text
+    # timm's loader finds the EMA of a full checkpoint under state_dict_ema.
+    best = read_checkpoint(tmp_path / "run/checkpoint/model_best.pt")
+    model = timm.create_model("test_efficientnet", num_classes=2)
+    timm.models.load_checkpoint(model, str(tmp_path / "run/checkpoint/model_best.pt"), use_ema=True)
+    ema = best["ema"][0.9998]
+    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+    timm.models.load_checkpoint(model, str(tmp_path / "run/checkpoint/model_best.pt"), use_ema=False)
+    assert torch.equal(model.state_dict()["conv_stem.weight"], best["state_dict"]["conv_stem.weight"])
+    assert not torch.equal(ema["conv_stem.weight"], best["state_dict"]["conv_stem.weight"])
+
+
+def test_log_wandb_without_the_package_is_one_line_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    from lowformer.errors import LowformerError
+    cfg = load_config("configs/cls/imagenet/b1.yaml", tiny_overrides(tmp_path / "data-not-read"))
+    with pytest.raises(LowformerError, match="--log-wandb: the wandb package is not installed; pip install wandb"):
+        train(cfg, tmp_path / "run", progress=False, log_wandb=True)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("tokens, dest, value", [
+    (["--manual_seed", "3"], "manual_seed", 3), (["--manual-seed", "3"], "manual_seed", 3),
+    (["--stop-after-epochs", "2"], "stop_after_epochs", 2), (["--stop_after_epochs", "2"], "stop_after_epochs", 2),
+    (["--log-interval", "7"], "log_interval", 7), (["--log_interval", "7"], "log_interval", 7),
+    (["--no_progress"], "no_progress", True), (["--allow_config_change"], "allow_config_change", True),
+    (["--log_wandb"], "log_wandb", True),
+])
+def test_train_flags_take_dashes_and_underscores(tokens, dest, value):
+    from lowformer.cli import build_parser
+    args, extra = build_parser().parse_known_args(["train", "c.yaml", "--path", "r", *tokens])
+    assert getattr(args, dest) == value and extra == []
+
+
+def _rank_diff_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+    from lowformer.train.distributed import DistContext, rank_max_diff
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    model(torch.randn(2, 3, 4, 4) + rank)  # BN statistics of each rank's own data
+    ctx = DistContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+    diffs = rank_max_diff(ctx, model)
+    if rank == 0:
+        Path(out).write_text(json.dumps(diffs))
+    dist.destroy_process_group()
+
+
+def test_rank_check_compares_parameters_and_reports_buffers_apart(tmp_path):
+    """Identical parameters give 0.0 even when BN running statistics differ across ranks (DDP does not
+    synchronise buffers); the buffer difference is reported on its own."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "diffs.json"
+    mp.spawn(_rank_diff_worker, args=(f"file://{tmp_path / 'store'}", str(out)), nprocs=2)
+    params, buffers = json.loads(out.read_text())
+    # The same two replicas in this process: their largest buffer difference.
+    replicas = []
+    for rank in range(2):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        model(torch.randn(2, 3, 4, 4) + rank)
+        replicas.append(dict(model.named_buffers()))
+    expected = max((replicas[0][k] - replicas[1][k]).abs().max().item() for k in replicas[0]
+                   if replicas[0][k].is_floating_point())
+    assert params == 0.0 and expected > 0 and buffers == pytest.approx(expected)
+
+
+def test_a_task_plugs_into_the_loop_with_its_own_config_section(tmp_path):
+    """A regression task (lower is better) with a registered config section: the loop trains it, picks the
+    best epoch by its metric's direction, writes its columns and publishes its weights."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from lowformer.train import LossOutput, Task, register_section
+    from lowformer.train.config import ConfigError
+
+    @dataclasses.dataclass(frozen=True)
+    class ToySection:
+        width: int = 3
+
+    register_section("toy_regression", ToySection)
+
+    class ToyTask(Task):
+        name, metric, higher_is_better, metric_names = "toy", "mse", False, ("mse",)
+
+        def data(self, n: int, seed: int) -> TensorDataset:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(n, self.cfg.section("toy_regression").width, generator=g)
+            return TensorDataset(x, x.sum(1, keepdim=True))
+
+        def build_model(self):
+            return torch.nn.Linear(self.cfg.section("toy_regression").width, 1)
+
+        def build_train_loader(self):
+            ds = self.data(16, 1)
+            return DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, num_replicas=1, rank=0, seed=self.seed))
+
+        def loss(self, model, batch, info):
+            x, y = batch
+            return LossOutput(F.mse_loss(model(x), y), len(x))
+
+        def validate(self, model, info):
+            x, y = self.data(8, 2).tensors
+            with torch.no_grad():
+                return {"mse": F.mse_loss(model(x), y).item()}
+
+    overrides = {"toy_regression": {"width": 5}, "ema_decay": 0.0, "backbone_drop": {"drop_prob": 0.0},
+                 "run_config": {"n_epochs": 3, "warmup_epochs": 0, "base_lr": 0.05, "optimizer_name": "sgd",
+                                "weight_decay": 0.0, "grad_clip": None},
+                 "data_provider": {"base_batch_size": 4}}
+    cfg = load_config("configs/cls/imagenet/b1.yaml", overrides)
+    assert cfg.section("toy_regression").width == 5
+    with pytest.raises(ConfigError, match="unknown config key 'toy_regression.depth'"):
+        load_config("configs/cls/imagenet/b1.yaml", {"toy_regression": {"depth": 2}})
+    summary = train(cfg, tmp_path / "run", task=ToyTask, progress=False)
+    rows = (tmp_path / "run/metrics.csv").read_text().splitlines()
+    assert rows[0].split(",")[:5] == ["epoch", "lr", "train_loss", "val_mse", "best_mse"]
+    mse = [float(r.split(",")[3]) for r in rows[1:]]
+    assert summary["best_mse"] == pytest.approx(min(mse), abs=1e-6) and summary["best_epoch"] == mse.index(min(mse)) + 1
+    assert summary["final_mse"] == pytest.approx(mse[-1], abs=1e-6) and summary["task"] == "toy"
+    published = torch.load(tmp_path / "run/checkpoint/evalmodel.pt", weights_only=True)
+    assert published["weight"].shape == (1, 5)

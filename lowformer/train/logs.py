@@ -7,17 +7,13 @@ only when ``log_wandb`` is set.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lowformer.errors import LowformerError
 
 __all__ = ["RunLogger"]
-
-_logger = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -31,11 +27,7 @@ class RunLogger:
         if not active:
             return
         if log_wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise LowformerError("--log-wandb: the wandb package is not installed; pip install wandb, "
-                                     "or train without --log-wandb") from None
+            import wandb  # present: the trainer checked before any work
             self.wandb = wandb.init(project=project, name=run_name or run_dir.name, dir=str(run_dir),
                                     config={"config_yaml": config_text}, resume="allow")
         from torch.utils.tensorboard import SummaryWriter

@@ -8,6 +8,7 @@ task provides is described in :mod:`lowformer.train.task`.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -26,6 +27,7 @@ from lowformer.train.config import (
     RESUME_SAFE_KEYS,
     TrainConfig,
     config_changes,
+    config_from_dict,
     config_to_dict,
     global_batch_size,
     peak_lr,
@@ -43,7 +45,7 @@ from lowformer.train.schedule import TrainSchedule
 from lowformer.train.setup import DropPathSchedule, LowformerEma, build_optimizer, check_schedule
 from lowformer.train.state import TrainState, rng_state, set_rng_state
 from lowformer.train.step import AMP_MODES, NonFiniteLoss, StepParts, amp_mode, train_step
-from lowformer.train.task import EvalInfo, StepInfo, Task, create_task
+from lowformer.train.task import EvalInfo, StepInfo, TaskFactory, create_task
 
 __all__ = ["train", "Trainer", "TrainingDiverged", "AMP_MODES"]
 
@@ -71,7 +73,7 @@ def _on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, ctx: DistContext, *, task: Task | None = None,
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, ctx: DistContext, *, task: TaskFactory = None,
                  resume: bool = False, seed: int = 0, amp: str = "none", stop_after_epochs: int | None = None,
                  progress: bool = True, allow_config_change: bool = False, initial_checkpoint: str | None = None,
                  log_interval: int = 50, log_wandb: bool = False) -> None:
@@ -92,10 +94,15 @@ class Trainer:
                                      "checkpoint: give one of the two")
             if not Path(initial_checkpoint).is_file():
                 raise LowformerError(f"--initial-checkpoint '{initial_checkpoint}': file not found")
+        if log_wandb:
+            import importlib.util
+            if importlib.util.find_spec("wandb") is None:
+                raise LowformerError("--log-wandb: the wandb package is not installed; pip install wandb, or train "
+                                     "without --log-wandb")
         self.log_interval, self.log_wandb = log_interval, log_wandb
         self.amp_dtype, self.scaler = amp_mode(amp, self.device)
         check_schedule(cfg)
-        self.task = task or create_task(cfg, ctx, seed)
+        self.task = create_task(cfg, ctx, seed) if task is None else create_task(cfg, ctx, seed, task)
 
         # Same initial weights on every rank and for any world size; then per-rank randomness.
         torch.manual_seed(seed)
@@ -170,6 +177,8 @@ class Trainer:
             _logger.warning("--resume: %s is missing, the requested config cannot be compared", self.rd.config)
             return True
         stored = yaml.safe_load(self.rd.config.read_text(encoding="utf-8")) or {}
+        with contextlib.suppress(LowformerError):  # fill keys added since the run started with their defaults
+            stored = config_to_dict(config_from_dict(stored))
         changes = config_changes(stored, config_to_dict(self.cfg))
         if not changes:
             return False
@@ -204,15 +213,20 @@ class Trainer:
         else:
             _logger.warning("--resume with %d processes, the checkpoint was written by %d: random streams restart",
                             self.ctx.world_size, len(state.rng))
-        committed = self.rd.committed_epoch()
-        if self.ctx.is_main and committed is not None and committed != -2 and state.epoch < committed:
-            raise LowformerError(f"--resume: '{self.rd.pointer}' names epoch {committed + 1} but '{path}' holds epoch "
-                                 f"{state.epoch + 1}; the run directory was changed by hand")
-        if self.ctx.is_main and (committed is None or state.epoch > committed):
-            _logger.warning("epoch %d was interrupted while it was being saved: completing its files from %s",
-                            state.epoch + 1, path)
-            self.commit()
+        _on_main(self.ctx, self._repair)
         self.log("resumed from %s (epoch %d done)", path, state.epochs_done)
+
+    def _repair(self) -> None:
+        """Complete an epoch whose commit was interrupted after ``checkpoint.pt`` (roll forward)."""
+        committed, epoch = self.rd.committed_epoch(), self.state.epoch
+        if committed is not None and committed != -2 and epoch < committed:
+            raise LowformerError(f"--resume: '{self.rd.pointer}' names epoch {committed + 1} but "
+                                 f"'{self.rd.checkpoint}' holds epoch {epoch + 1}; the run directory was changed "
+                                 "by hand")
+        if committed is None or epoch > committed:
+            _logger.warning("epoch %d was interrupted while it was being saved: completing its files from %s",
+                            epoch + 1, self.rd.checkpoint)
+            self.commit()
 
     # --- one epoch -------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -357,8 +371,8 @@ class Trainer:
                    "rank_param_max_diff": param_diff}
             row.update({f"val_{k}": (round(val[k], 6) if val else None) for k in self.task.metric_names})
             s.history = [*s.history, row]
+            _on_main(self.ctx, self.commit)  # a failed write stops every rank, not only rank 0
             if self.ctx.is_main:
-                self.commit()
                 self.logger.scalars("epoch", {k: v for k, v in row.items() if k != "epoch"}, epoch + 1)
                 self.logger.flush()
             if t["skipped"] and self.ctx.is_main:
@@ -374,14 +388,15 @@ class Trainer:
         return self.summary()
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, task: Task | None = None, resume: bool = False,
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, *, task: TaskFactory = None, resume: bool = False,
           seed: int = 0, amp: str = "none", device: str | None = None, stop_after_epochs: int | None = None,
           progress: bool = True, allow_config_change: bool = False, initial_checkpoint: str | None = None,
           log_interval: int = 50, log_wandb: bool = False, ctx: DistContext | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``run_dir`` and return the summary (also written to ``run_dir/summary.json``).
 
     Args:
-        task: the task to train; by default the one the config's ``task`` key names (classification).
+        task: the task to train: a registered name or a ``(cfg, ctx, seed) -> Task`` factory (a Task
+            subclass); by default the one the config's ``task`` key names (classification).
         resume: continue from ``run_dir``'s last committed epoch exactly (weights, optimizer, EMA, scaler,
             random streams); a config that changes the model or the schedule is refused unless
             ``allow_config_change``.

@@ -20,13 +20,27 @@ provides::
 Tasks read their settings from the shared config groups (``data_provider``, ``run_config``,
 ``net_config``, ``backbone_drop``, ``ema_decay``) and from their own section registered with
 :func:`lowformer.train.config.register_section`; :func:`register_task` makes ``task: NAME`` in a config
-select them.
+select them, and ``lowformer.train.train(cfg, run_dir, task=MyTask)`` takes a task class (or any
+``(cfg, ctx, seed) -> Task`` factory) directly.
+
+A minimal task, e.g. for a detector whose forward returns a dict of losses::
+
+    class DetectionTask(Task):
+        name, metric, metric_names = "detection", "bbox_map", ("bbox_map", "bbox_map_50")
+
+        def build_model(self):          return create_detector(...)
+        def build_train_loader(self):   return DataLoader(..., batch_sampler=...)  # set_epoch()
+        def loss(self, model, batch, info):
+            images, targets = batch
+            losses = model([i.to(info.device) for i in images], [...])
+            return LossOutput(sum(losses.values()), len(images), logs={k: v.item() for k, v in losses.items()})
+        def validate(self, model, info): return {"bbox_map": ..., "bbox_map_50": ...}
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Union
 
 import torch
 import torch.nn as nn
@@ -36,7 +50,7 @@ from lowformer.train.config import ConfigError, TrainConfig
 from lowformer.train.distributed import DistContext
 from lowformer.train.step import LossOutput
 
-__all__ = ["Task", "StepInfo", "EvalInfo", "LossOutput", "register_task", "create_task"]
+__all__ = ["Task", "StepInfo", "EvalInfo", "LossOutput", "TaskFactory", "register_task", "create_task"]
 
 
 @dataclass
@@ -110,7 +124,14 @@ def register_task(name: str, factory: Callable[[TrainConfig, DistContext, int], 
     _TASKS[name] = factory
 
 
-def create_task(cfg: TrainConfig, ctx: DistContext, seed: int) -> Task:
-    if cfg.task not in _TASKS:
-        raise ConfigError(f"config key 'task': unknown task '{cfg.task}' (known: {', '.join(sorted(_TASKS))})")
-    return _TASKS[cfg.task](cfg, ctx, seed)
+TaskFactory = Union[str, Callable[[TrainConfig, DistContext, int], Task], None]
+
+
+def create_task(cfg: TrainConfig, ctx: DistContext, seed: int, task: TaskFactory = None) -> Task:
+    """The task ``task`` names or builds (a registered name or a factory), else the config's ``task``."""
+    if task is not None and not isinstance(task, str):
+        return task(cfg, ctx, seed)
+    name = task or cfg.task
+    if name not in _TASKS:
+        raise ConfigError(f"config key 'task': unknown task '{name}' (known: {', '.join(sorted(_TASKS))})")
+    return _TASKS[name](cfg, ctx, seed)
