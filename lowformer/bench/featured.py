@@ -1,66 +1,28 @@
-"""The comparison backbones of the original benchmark (``eval_cls_model.py --other NAME``) by their short names.
+"""The comparison backbones of the original benchmark (``eval_cls_model.py --other NAME``), built for timing.
 
-The original resolves ``--other`` by substring tests in a fixed order; here every name it accepts for a
-family that timm has becomes an alias of the timm model (``mobileones1`` -> ``mobileone_s1``), registered
-with ``lowformer.models.register_aliases``, and those timm models join the project's list. The six families
-timm lacks (EfficientMod, MobileViG, Inception Transformer, FFNet, EdgeViT, FAT) live in
-``lowformer.models.featured`` and register their own short names.
+Their short names (``mobileones1`` -> ``mobileone_s1``) are registered by the models package
+(:mod:`lowformer.models.featured.timm_families`); ``FEATURED_ALIASES`` and ``FEATURED_EXAMPLES`` are re-exported
+here for bench.
 """
 from __future__ import annotations
 
-import timm
 import torch
 import torch.nn as nn
 
 from lowformer.errors import LowformerError
-from lowformer.models import create_model, register_aliases, register_project_models, resolve_model_name
+from lowformer.models import create_model, resolve_model_name
+from lowformer.models.featured import timm_families
 
 __all__ = ["FEATURED_EXAMPLES", "FEATURED_ALIASES", "build_model"]
 
-def _series(prefix: str, target: str, suffixes: list[str]) -> dict[str, str]:
-    return {f"{prefix}{s}": target.format(s) for s in suffixes}
-
-
-# Every short name the original accepts for a family timm has (spellings that crash there included where the
-# intent is clear, e.g. ``ghostnetv1.0``). Names that already are timm names (fastvit_*, shvit_s*, repvit_m*,
-# resnet*) need no alias.
-FEATURED_ALIASES: dict[str, str] = {
-    **_series("mobileones", "mobileone_s{}", ["0", "1", "2", "3", "4"]),
-    "ghostnet1.0": "ghostnetv2_100", "ghostnet1.3": "ghostnetv2_130", "ghostnet1.6": "ghostnetv2_160",
-    "ghostnetv1.0": "ghostnetv2_100", "ghostnetv1.3": "ghostnetv2_130", "ghostnetv1.6": "ghostnetv2_160",
-    **_series("efficientvitm", "efficientvit_m{}", ["0", "1", "2", "3", "4", "5"]),
-    **_series("pvtv2", "pvt_v2_{}", ["b0", "b1", "b2", "b2_li", "b3", "b4", "b5"]),
-    "mobilenetv3large": "mobilenetv3_large_100", "mobilenetv3small": "mobilenetv3_small_100",
-    **_series("coatnet", "coatnet_{}_224", ["0", "1", "2", "3", "4"]),
-    **_series("efficientformerv2", "efficientformerv2_{}", ["s0", "s1", "s2", "l"]),
-}
-
-# The 17 examples of the original's featured_models.txt, as spelled there, and the registry name each means
-# (the featured spellings that crash in the original, iformers / ghostnetv1.0 / fatb0, included).
-FEATURED_EXAMPLES: dict[str, str] = {
-    "fastvit_t8": "fastvit_t8", "efficientmodxs": "efficientmodxs", "mobilevigm": "mobilevigm",
-    "iformers": "iformers", "mobileones1": "mobileone_s1", "ffnet1": "ffnet1", "ghostnetv1.0": "ghostnetv2_100",
-    "efficientvitm5": "efficientvit_m5", "edgevitxs": "edgevitxs", "pvtv2b0": "pvt_v2_b0", "fatb0": "fatb0",
-    "mobilenetv3large": "mobilenetv3_large_100", "coatnet0": "coatnet_0_224",
-    "efficientformerv2s1": "efficientformerv2_s1", "resnet50": "resnet50", "shvit_s4": "shvit_s4",
-    "repvit_m2_3": "repvit_m2_3",
-}
-
-# The featured examples' timm models, offered as the project's own (``lowformer models`` lists them with MACs;
-# every other variant of these families is reachable by name). ResNet-50 stays a plain timm model: it is the
-# generic baseline, not one of the efficient backbones the project lists.
-_FEATURED_TIMM_MODELS = sorted(n for n in FEATURED_EXAMPLES.values() if timm.is_model(n) and n != "resnet50")
-
-register_aliases(FEATURED_ALIASES)
-register_project_models(_FEATURED_TIMM_MODELS)
+FEATURED_ALIASES, FEATURED_EXAMPLES = timm_families.FEATURED_ALIASES, timm_families.FEATURED_EXAMPLES
 
 
 def build_model(name: str, deploy: bool = True, seed: int = 0) -> nn.Module:
     """The model ``name`` in eval mode for timing, with seeded random weights.
 
-    ``deploy`` applies timm's ``reparameterize_model`` walk (as :func:`lowformer.deploy.reparameterize`, which
-    calls ``fuse`` only where it is a method: EdgeFormer has a submodule named ``fuse``), folding the multi-branch
-    blocks of the families that declare ``reparameterize()`` / ``fuse()`` (FastViT, MobileOne, RepViT, SHViT,
+    ``deploy`` applies timm's ``reparameterize_model`` walk (through :func:`lowformer.deploy.reparameterize`),
+    folding the multi-branch blocks of the families that declare ``reparameterize()`` / ``fuse()`` (FastViT, MobileOne, RepViT, SHViT,
     EfficientViT-M) and leaving the others unchanged, so every family is timed in the form it is deployed in."""
     from lowformer.deploy import reparameterize
     from lowformer.segmentation import is_segmenter_spec, segmenter_from_spec

@@ -9,14 +9,13 @@ real images (:mod:`lowformer.deploy.onnx`).
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from timm.utils import reparameterize_model
 
 from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, count_norms, verify_outputs
 from lowformer.deploy.graph import trace
@@ -61,23 +60,9 @@ def default_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
-    """timm's ``reparameterize_model`` walk on a deep copy, calling ``fuse()`` / ``reparameterize()`` /
-    ``switch_to_deploy()`` only where they are methods: timm's version calls ``child.fuse()`` whenever the
-    attribute exists, which runs the forward of a submodule that happens to be named ``fuse`` (EdgeFormer)."""
-    model = copy.deepcopy(model)
-
-    def walk(module: nn.Module) -> None:
-        for name, child in module.named_children():
-            if inspect.ismethod(getattr(child, "fuse", None)):
-                setattr(module, name, child.fuse())
-            elif inspect.ismethod(getattr(child, "reparameterize", None)):
-                child.reparameterize()
-            elif inspect.ismethod(getattr(child, "switch_to_deploy", None)):
-                child.switch_to_deploy()
-            walk(getattr(module, name))
-
-    walk(model)
-    return model
+    """timm's ``reparameterize_model`` walk (``fuse()`` / ``reparameterize()`` / ``switch_to_deploy()``) on a
+    deep copy; the model passed in is left as it is."""
+    return reparameterize_model(model, inplace=False)
 
 
 def _apply_passes(gm: fx.GraphModule, passes: dict, applied: list[str]) -> fx.GraphModule:

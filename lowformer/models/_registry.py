@@ -19,7 +19,7 @@ from lowformer.checkpoints import find_pretrained_file, load_checkpoint
 from lowformer.errors import LowformerError
 
 __all__ = [
-    "UnknownModelError", "create_model", "list_models", "resolve_model_name",
+    "DuplicateRegistrationError", "UnknownModelError", "create_model", "list_models", "resolve_model_name",
     "register_project_models", "register_aliases", "register_feature_cls", "register_pretrained_cfg_overlay",
 ]
 
@@ -42,8 +42,17 @@ def register_project_models(names: list[str]) -> None:
     _PROJECT_TIMM_MODELS.update(names)
 
 
+class DuplicateRegistrationError(LowformerError, ValueError):
+    """A name registered twice for different things."""
+
+
 def register_aliases(aliases: dict[str, str]) -> None:
-    """Short names, such as the original benchmark's ``--other`` names, that resolve to registry names."""
+    """Short names, such as the original benchmark's ``--other`` names, that resolve to registry names;
+    an alias already taken by another target is refused."""
+    for alias, target in aliases.items():
+        if _ALIASES.get(alias, target) != target:
+            raise DuplicateRegistrationError(f"alias '{alias}' is registered for '{_ALIASES[alias]}' already, "
+                                             f"not also for '{target}': pick another alias")
     _ALIASES.update(aliases)
 
 
@@ -69,9 +78,12 @@ def _is_project_model(name: str) -> bool:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """The project's models (LowFormer, the sibling families, featured backbones) matching ``pattern``."""
+    """The project's models (LowFormer, the sibling families, featured backbones) matching ``pattern``, by
+    registry name or by an alias (``mobilevigm`` finds ``mobilevig_m``)."""
     names = {n for n in timm.list_models() if _is_project_model(n)}
-    return sorted(n for n in names if fnmatch.fnmatch(n, pattern))
+    found = {n for n in names if fnmatch.fnmatch(n, pattern)}
+    found |= {t for a, t in _ALIASES.items() if t in names and fnmatch.fnmatch(a, pattern)}
+    return sorted(found)
 
 
 def resolve_model_name(name: str) -> str:

@@ -217,7 +217,7 @@ class PatchMerging2d(nn.Module):
             x = x.reshape(B, C, (H + 1) // 2, 2, (W + 1) // 2, 2).permute(0, 2, 4, 5, 3, 1).flatten(3)
         else:
             x = F.pad(x, (d // 2, d - d // 2, d // 2, d - d // 2))
-            x = torch.cat([x[:, :, i * d:i * d + H, j * d:j * d + W] for j in range(2) for i in range(2)], dim=1)
+            x = torch.cat([x[:, :, :H, :W], x[:, :, d:d + H, :W], x[:, :, :H, d:d + W], x[:, :, d:d + H, d:d + W]], dim=1)
             x = x.permute(0, 2, 3, 1)
         return self.reduction(self.norm(x)).permute(0, 3, 1, 2)
 
@@ -447,10 +447,13 @@ class DWNet(nn.Module):
     ) -> List[int]:
         """Prune layers not required for specified intermediates."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        if prune_norm or prune_end:  # norm and head were sized for the last stage
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
 

@@ -202,13 +202,14 @@ class GccStage(nn.Module):
         self.norm = norm_layer(inner_dim, **dd)
         self.proj_out = ConvNormAct(inner_dim, dim, 1, groups=groups, norm_layer=norm_layer, act_layer=act_layer, **dd)
         fuse_in = 2 * dim if fusion == "concat" else dim
-        self.fuse = ConvNormAct(fuse_in, dim, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)
+        # not named `fuse`: timm's reparameterize_model calls any child attribute of that name
+        self.merge = ConvNormAct(fuse_in, dim, 3, norm_layer=norm_layer, act_layer=act_layer, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.blocks(self.proj_in(self.conv_in(x))))
         y = self.proj_out(y)
         y = torch.cat([y, x], dim=1) if self.fusion == "concat" else y + x
-        return self.fuse(y)
+        return self.merge(y)
 
 
 class EdgeFormer(nn.Module):
@@ -434,7 +435,7 @@ _KEY_MAP = [
     (r"\.dim_adaptive\.0\.", ".conv_in."),
     (r"\.dim_adaptive\.1\.block\.conv\.", ".proj_in."),
     (r"\.channel_adaptive\.", ".proj_out."),
-    (r"\.local_global_fusion\.", ".fuse."),
+    (r"\.local_global_fusion\.", ".merge."),
     # the BN after the last GCC block is an entry of the same list, holding its tensors directly
     (r"\.spatial_global_rep\.\d+\.(weight|bias|running_mean|running_var|num_batches_tracked)$", r".norm.\1"),
     (r"\.spatial_global_rep\.", ".blocks."),

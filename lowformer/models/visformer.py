@@ -102,6 +102,7 @@ class Visformer(timm_visformer.Visformer):
                     block.attn.load_state_dict(old.state_dict())
             first += len(stage)
 
+    @torch.jit.ignore
     def _run_stage(self, x: torch.Tensor, patch_embed: Optional[nn.Module], pos_embed: Optional[torch.Tensor],
                    stage: nn.Module) -> torch.Tensor:
         if patch_embed is not None:
@@ -171,12 +172,39 @@ class Visformer(timm_visformer.Visformer):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # stage by stage, as TorchScript takes no module arguments
         if self.stem is not None:
             x = self.stem(x)
-        x = self._run_stage(x, self.patch_embed1, self.pos_embed1, self.stage1)
-        x = self._run_stage(x, self.patch_embed2, self.pos_embed2, self.stage2)
-        x = self._run_stage(x, self.patch_embed3, self.pos_embed3, self.stage3)
+        if self.patch_embed1 is not None:
+            x = self.patch_embed1(x)
+            if self.pos_embed1 is not None:
+                x = self.pos_drop(add_pos_embed(x, self.pos_embed1))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stage1, x)
+        else:
+            x = self.stage1(x)
+        if self.patch_embed2 is not None:
+            x = self.patch_embed2(x)
+            if self.pos_embed2 is not None:
+                x = self.pos_drop(add_pos_embed(x, self.pos_embed2))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stage2, x)
+        else:
+            x = self.stage2(x)
+        if self.patch_embed3 is not None:
+            x = self.patch_embed3(x)
+            if self.pos_embed3 is not None:
+                x = self.pos_drop(add_pos_embed(x, self.pos_embed3))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stage3, x)
+        else:
+            x = self.stage3(x)
         return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # defined here so fx's tracer treats this module's helpers (add_pos_embed, windows) as leaf functions:
+        # it wraps them in the globals of the traced forward's module
+        return self.forward_head(self.forward_features(x))
 
 
 _VARIANT_ARGS = {

@@ -152,7 +152,7 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def _relative_position_bias(self) -> torch.Tensor:
-        n = self.window_size ** 2
+        n = self.window_size * self.window_size
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
         return bias.permute(2, 0, 1).unsqueeze(0)
 
@@ -363,11 +363,13 @@ class VisformerV2(nn.Module):
         self.global_pool, self.head = create_classifier(
             self.num_features, num_classes, pool_type=global_pool, **get_device_dtype(self))
 
+    @torch.jit.ignore
     def _stages(self) -> List[Tuple[Optional[nn.Module], Optional[torch.Tensor], nn.Module]]:
         """(patch embedding, position embedding, blocks) of each stage that pruning left."""
         return [(getattr(self, f'patch_embed{i}'), getattr(self, f'pos_embed{i}'), getattr(self, f'stage{i}'))
                 for i in range(4) if getattr(self, f'patch_embed{i}') is not None]
 
+    @torch.jit.ignore
     def _run_stage(self, x: torch.Tensor, patch_embed: nn.Module, pos_embed: torch.Tensor,
                    stage: nn.Module) -> torch.Tensor:
         x = self.pos_drop(add_pos_embed(patch_embed(x), pos_embed))
@@ -440,9 +442,32 @@ class VisformerV2(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # stage by stage (pruned ones are None), as TorchScript takes no module arguments
         x = self.stem(x)
-        for stage in self._stages():
-            x = self._run_stage(x, *stage)
+        if self.patch_embed0 is not None and self.pos_embed0 is not None:
+            x = self.pos_drop(add_pos_embed(self.patch_embed0(x), self.pos_embed0))
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(self.stage0, x)
+            else:
+                x = self.stage0(x)
+        if self.patch_embed1 is not None and self.pos_embed1 is not None:
+            x = self.pos_drop(add_pos_embed(self.patch_embed1(x), self.pos_embed1))
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(self.stage1, x)
+            else:
+                x = self.stage1(x)
+        if self.patch_embed2 is not None and self.pos_embed2 is not None:
+            x = self.pos_drop(add_pos_embed(self.patch_embed2(x), self.pos_embed2))
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(self.stage2, x)
+            else:
+                x = self.stage2(x)
+        if self.patch_embed3 is not None and self.pos_embed3 is not None:
+            x = self.pos_drop(add_pos_embed(self.patch_embed3(x), self.pos_embed3))
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(self.stage3, x)
+            else:
+                x = self.stage3(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -6,14 +6,13 @@ classifier access and reset, gradient checkpointing) are written once here. A fa
 ``stages`` (an ``nn.Sequential``), ``norm``, then ``_init_pool`` and ``head`` in its constructor, and
 overrides ``forward_head`` when its head has more than pool, dropout and a linear layer.
 """
-from __future__ import annotations
 
 from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import SelectAdaptivePool2d, get_device_dtype
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
@@ -41,10 +40,6 @@ def rename_prefix(key: str, table: dict[str, str], family: str) -> str:
 class StagedNet(nn.Module):
     """Base class: the shared timm API over ``stem -> stages -> norm -> global_pool -> head_drop -> head``."""
 
-    stem: nn.Module
-    stages: nn.Sequential
-    norm: nn.Module
-    head: nn.Module
     _pool_flatten = True  # False where the head applies convs to the pooled (B, C, 1, 1) map
 
     def __init__(self, num_classes: int) -> None:
@@ -56,7 +51,8 @@ class StagedNet(nn.Module):
     def _init_pool(self, global_pool: str, drop_rate: float) -> None:
         """Create pooling and dropout after the stages: timm's feature wrappers run children in the order
         they were registered."""
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=self._pool_flatten)
+        # no pooling ('') keeps the 4-D map, as timm's heads do
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=self._pool_flatten and bool(global_pool))
         self.head_drop = nn.Dropout(drop_rate)
 
     def _make_head(self, in_features: int, num_classes: int) -> nn.Module:
@@ -78,10 +74,11 @@ class StagedNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=self._pool_flatten)
-        device = next(self.parameters()).device
-        with torch.device(device):
-            self.head = self._make_head(self.head_hidden_size, num_classes)
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool,
+                                                    flatten=self._pool_flatten and bool(global_pool))
+        dd = get_device_dtype(self)
+        with torch.device(dd["device"]):
+            self.head = self._make_head(self.head_hidden_size, num_classes).to(dtype=dd["dtype"])
 
     def forward_intermediates(
             self,

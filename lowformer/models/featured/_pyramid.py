@@ -10,22 +10,21 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d, get_device_dtype, trunc_normal_
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
 
-def map_self_attention(x: torch.Tensor, qkv: nn.Linear, num_heads: int, fused: bool,
-                       attn_drop: nn.Dropout) -> torch.Tensor:
-    """Multi-head self-attention among the pixels of a (B, C, h, w) map, scaled by head_dim ** -0.5, through
-    the fused kernel when timm's fused attention is on. Returns (B, heads, h * w, head_dim)."""
-    B, C = x.shape[:2]
-    tokens = x.flatten(2).transpose(1, 2)
-    q, k, v = qkv(tokens).reshape(B, tokens.shape[1], 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+def map_self_attention(qkv: torch.Tensor, num_heads: int, fused: bool, dropout_p: float) -> torch.Tensor:
+    """Multi-head self-attention among the h * w pixels of a map given their (B, h * w, 3 C) projected
+    q, k, v, scaled by head_dim ** -0.5, through the fused kernel when timm's fused attention is on.
+    Returns (B, heads, h * w, head_dim)."""
+    B, N = qkv.shape[0], qkv.shape[1]
+    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop.p if attn_drop.training else 0.)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return attn_drop(attn.softmax(dim=-1)) @ v
+    return F.dropout(attn.softmax(dim=-1), dropout_p) @ v
 
 
 class Stage(nn.Module):
@@ -57,9 +56,11 @@ class PyramidClassifier(nn.Module):
     def init_head(self, num_features: int, norm: nn.Module, num_classes: int, global_pool: str,
                   drop_rate: float, **dd: Any) -> None:
         self.num_classes = num_classes
+        # maps in front of the stage outputs (FAT's stem); fixed here, before any pruning shortens the stages
+        self.stem_taps = len(self.feature_info) - len(self.stages)
         self.num_features = self.head_hidden_size = num_features
         self.norm = norm
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
@@ -69,10 +70,6 @@ class PyramidClassifier(nn.Module):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-    @property
-    def _stem_taps(self) -> int:
-        return len(self.feature_info) - len(self.stages)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -100,9 +97,10 @@ class PyramidClassifier(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:  # no pooling ('') keeps the 4-D map, as timm's heads do
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        dd = get_device_dtype(self)
+        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,
@@ -117,7 +115,7 @@ class PyramidClassifier(nn.Module):
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        offset = self._stem_taps
+        offset = self.stem_taps
         last_idx = len(self.feature_info) - 1
         x = self.stem(x)
         if offset and 0 in take_indices:
@@ -142,10 +140,13 @@ class PyramidClassifier(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        self.stages = self.stages[:max(max_index + 1 - self._stem_taps, 0)]
-        if prune_norm or max_index < len(self.feature_info) - 1:
+        prune_end = max_index < len(self.feature_info) - 1
+        self.stages = self.stages[:max(max_index + 1 - self.stem_taps, 0)]
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        if prune_end:  # the head was sized for the last stage
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
 

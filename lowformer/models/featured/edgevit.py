@@ -118,8 +118,9 @@ class GlobalSparseAttn(nn.Module):
         if r > 1:
             # the original samples with AvgPool2d(kernel 1, stride r), i.e. every r-th pixel
             x = x[:, :, ::r, ::r]
-        h, w = x.shape[2:]
-        x = map_self_attention(x, self.qkv, self.num_heads, self.fused_attn, self.attn_drop)
+        h, w = x.shape[2], x.shape[3]
+        x = map_self_attention(self.qkv(x.flatten(2).transpose(1, 2)), self.num_heads, self.fused_attn,
+                               self.attn_drop.p if self.training else 0.)
         x = x.transpose(1, 2).reshape(B, h * w, C)
         if r > 1:
             x = x.transpose(1, 2).reshape(B, C, h, w)

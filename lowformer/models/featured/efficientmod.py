@@ -16,7 +16,6 @@ Re-implemented for lowformer in timm's layout. Stages take and return NCHW maps 
 pooling work as for any CNN); inside a stage the blocks run channels-last with ``Linear`` pointwise layers,
 as the original does. No BatchNorm, nothing to re-parameterise.
 """
-from __future__ import annotations
 
 from typing import Any, Sequence
 

@@ -18,7 +18,6 @@ inference through ``reparameterize()`` on the blocks (``timm.utils.reparameteriz
 BN -> 1x1 conv + identity one 1x1 conv. FFNet-3/4 use layer scale, which the vendored original fails to
 build (it assigns a plain tensor over the parameter); here it is a parameter, as the original intends.
 """
-from __future__ import annotations
 
 from typing import Any, Sequence
 

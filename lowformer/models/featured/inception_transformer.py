@@ -127,8 +127,9 @@ class LowMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         xa = self.pool(x)
-        h, w = xa.shape[2:]
-        xa = map_self_attention(xa, self.qkv, self.num_heads, self.fused_attn, self.attn_drop)
+        h, w = xa.shape[2], xa.shape[3]
+        xa = map_self_attention(self.qkv(xa.flatten(2).transpose(1, 2)), self.num_heads, self.fused_attn,
+                                self.attn_drop.p if self.training else 0.)
         # (B, heads, N, d) -> (B, heads * d, h, w): channel = head * d + d_index, as the original
         xa = xa.transpose(2, 3).reshape(B, C, h, w)
         if (h, w) != (H, W):
@@ -221,7 +222,7 @@ class InceptionTransformerStage(Stage):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x).permute(0, 2, 3, 1)
-        x = x + resize_pos_table(self.pos_embed, x.shape[1:3])
+        x = x + resize_pos_table(self.pos_embed, (x.shape[1], x.shape[2]))
         return self.run_blocks(x).permute(0, 3, 1, 2)
 
 

@@ -16,7 +16,6 @@ whose checkpoint layout ``checkpoint_filter_fn`` reads; checkpoints trained with
 Re-implemented for lowformer in timm's layout: three stages of inverted-residual blocks, then one stage of
 sparse vision graph attention (SVGA) blocks at stride 32. Only conv + BN folding applies at deploy time.
 """
-from __future__ import annotations
 
 from typing import Any, Sequence
 
