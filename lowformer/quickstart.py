@@ -27,7 +27,7 @@ def format_model_table(rows: list[dict]) -> str:
     lines = [f"{'model':<32} {'params (M)':>10} {'MACs (M)':>10} {'resolution':>10}"]
     for r in rows:
         lines.append(f"{r['model']:<32} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>10.1f} "
-                     f"{r['image_size']:>6}x{r['image_size']:<3}")
+                     f"{r.get('image_width', r['image_size']):>6}x{r['image_size']:<3}")
     return "\n".join(lines)
 
 

@@ -65,6 +65,12 @@ def model_complexity(name: str, image_size: int | None = None, **kwargs: Any) ->
     The model is built on the meta device (no memory, no weights initialised); a family that cannot run
     on meta tensors is built on the CPU instead."""
     from lowformer.models import create_model
+    from lowformer.segmentation import is_segmenter_spec, segmenter_from_spec
+    if is_segmenter_spec(name):  # segmenters: mmseg's 2048x512 unless a size is given
+        model = segmenter_from_spec(name)
+        h, w = (image_size, image_size) if image_size else (512, 2048)
+        return {"model": name, "params": count_params(model), "macs": count_macs(model, (3, h, w)),
+                "image_size": h, "image_width": w}
     try:
         with torch.device("meta"):
             model = create_model(name, **kwargs)

@@ -25,8 +25,12 @@ def build_model(name: str, deploy: bool = True, seed: int = 0) -> nn.Module:
     folding the multi-branch blocks of the families that declare ``reparameterize()`` / ``fuse()`` (FastViT, MobileOne, RepViT, SHViT,
     EfficientViT-M) and leaving the others unchanged, so every family is timed in the form it is deployed in."""
     from lowformer.deploy import reparameterize
-    registry_name = resolve_model_name(name)
+    from lowformer.segmentation import is_segmenter_spec, segmenter_from_spec
     torch.manual_seed(seed)
+    if is_segmenter_spec(name):  # "ARCH:BACKBONE", a segmenter with ADE20K's 150 classes
+        model = segmenter_from_spec(name).eval()
+        return reparameterize(model) if deploy else model
+    registry_name = resolve_model_name(name)
     try:
         model = create_model(registry_name).eval()
     except TypeError as e:

@@ -57,6 +57,12 @@ class BenchConfig:
     skip_failures: bool = False
 
 
+def _registry_name(name: str) -> str:
+    """A model's registry name; a segmenter ``ARCH:BACKBONE`` is its own name."""
+    from lowformer.segmentation import is_segmenter_spec
+    return name if is_segmenter_spec(name) else resolve_model_name(name)
+
+
 def default_batch_size(mode: str, device: str) -> int:
     """Batch 1 for latency; for throughput 200 on a GPU (the original's) and 16 on a CPU."""
     if mode == "latency":
@@ -110,7 +116,7 @@ def resolve(config: BenchConfig) -> BenchConfig:
         get_backend(backend)
         check_amp(device, config.amp, backend)
     for name in config.models:
-        resolve_model_name(name)
+        _registry_name(name)
     mode = "latency" if config.jobs > 1 else config.mode
     threads = config.threads or [default_threads(config.jobs)]
     cpus = os.cpu_count() or 1
@@ -145,7 +151,7 @@ def _prepare_all(config: BenchConfig, device: torch.device) -> dict[tuple, tuple
                                  config.batch_size, backend, threads)
                     try:
                         p = prepare(model, backend, x, threads=threads, amp=config.amp, opset=config.opset,
-                                    cache_key=resolve_model_name(name),
+                                    cache_key=_registry_name(name),
                                     cache_dir=Path(config.onnx_cache) if config.onnx_cache else None)
                     except Exception as e:  # a backend that cannot take a model is a finding, not a crash
                         if not config.skip_failures:
@@ -183,7 +189,7 @@ def run_benchmark(config: BenchConfig, barrier: Any = None, job: int | None = No
         name, size, backend, threads = key
         timing = summarize(measured[key])
         records.append({
-            "model": name, "registry_name": resolve_model_name(name), "backend": backend, "mode": config.mode,
+            "model": name, "registry_name": _registry_name(name), "backend": backend, "mode": config.mode,
             "batch_size": config.batch_size, "image_size": size, "device": env["device"],
             "device_type": env["device_type"], "threads": threads, "torch_version": env["torch_version"],
             "timm_version": env["timm_version"], "load_avg_1m": loads[key], "omp_wait_policy": env["omp_wait_policy"],

@@ -14,7 +14,7 @@ import sys
 from lowformer.cli._args import Parser
 from lowformer.errors import LowformerError
 
-_SUBCOMMANDS = ["quickstart", "models", "train", "eval", "predict", "bench", "profile", "export", "det"]
+_SUBCOMMANDS = ["quickstart", "models", "train", "eval", "predict", "bench", "profile", "export", "det", "seg"]
 
 
 def version_string() -> str:

@@ -9,13 +9,15 @@ from lowformer.cli._args import positive_int
 from lowformer.errors import LowformerError
 from lowformer.models import UnknownModelError, list_models, resolve_model_name
 from lowformer.quickstart import format_model_table
+from lowformer.segmentation import is_segmenter_spec
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("models", help="list models with params and MACs",
                               description="List the project's models with parameters and MACs (convs, linears "
                                           "and attention matmuls) at each family's paper resolution.")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'lowformer_*'")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'lowformer_*', or a segmenter "
+                   "ARCH:BACKBONE, e.g. upernet:dwnet_tiny")
     p.add_argument("--image-size", type=positive_int, default=None, help="count MACs at this square size instead")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=run)
@@ -24,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def matching_models(pattern: str) -> list[str]:
     """The project's models matching the shell-style ``pattern``, or the model an alias names (the
     original code's short names, e.g. ``mobilevigm``)."""
+    if is_segmenter_spec(pattern):
+        return [pattern]
     names = list_models(pattern)
     if names:
         return names
