@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from equivalence import original_state_dict
 
 import lowformer
+from equivalence import original_state_dict
 from lowformer.dense import DenseBackboneError, create_backbone
 
 
