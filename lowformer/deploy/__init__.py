@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, count_norms, verify_outputs
+from lowformer.deploy.fold import fold_input_size, needs_input_size_folding
 from lowformer.deploy.graph import trace
 from lowformer.deploy.modules import MkldnnConv2d, mkldnn_available
 from lowformer.deploy.passes import CPU_PASSES, PASSES, PORTABLE_PASSES, propagate_shapes
@@ -141,7 +142,9 @@ def deploy(
                         "and without the oneDNN passes")
     report: dict[str, Any] = {"precision": precision, "norms_before": count_norms(model)}
     applied = ["reparameterize"]
-    module = reparameterize(model).eval()
+    module = fold_input_size(reparameterize(model), example_input, fixed_size=False).eval()
+    if needs_input_size_folding(model):
+        applied.append("fold_input_size")
     try:
         gm = trace(module)
         report["traced"] = True

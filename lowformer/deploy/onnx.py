@@ -3,8 +3,8 @@
 An exported file is only written once ONNX Runtime's outputs match the PyTorch model's on the check inputs
 (``DeployMismatchError`` otherwise, and the file is removed). int8 uses ONNX Runtime's static quantization
 (QDQ, per-channel weights, MinMax calibration on real images); an empty calibration set is refused.
-On a CPU without VNNI, weights are quantized to 7 bits (``reduce_range``): ONNX Runtime's AVX2 u8 x s8 kernels
-add pairs of products in saturating 16-bit lanes (``vpmaddubsw``), which 255 x 127 x 2 overflows; with full
+On a CPU without VNNI (``lowformer.deploy.cpu``) weights are quantized to 7 bits (``reduce_range``): ONNX
+Runtime's AVX2 u8 x s8 kernels add pairs of products in saturating 16-bit lanes (``vpmaddubsw``), which 255 x 127 x 2 overflows; with full
 8-bit weights a random-weight LowFormer-B0's int8 logits reach only 0.90 cosine to fp32 on real images, with
 7-bit weights 0.999 (``benchmarks/deploy_cpu.py --accuracy``).
 onnx and onnxruntime are optional dependencies (the ``onnx`` extra), imported where used.
@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 
 from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, verify_outputs
+from lowformer.deploy.cpu import cpu_has_vnni
+from lowformer.deploy.fold import fold_input_size
 from lowformer.errors import LowformerError
 
 __all__ = ["OPSET", "write_onnx", "export_onnx", "ort_session", "OrtModule", "quantize_int8", "calibration_batches",
@@ -103,9 +105,11 @@ def _held_output() -> Iterator[list[str]]:
 
 def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = OPSET) -> None:
     """Export ``model`` to ``path`` with a dynamic batch axis (input ``input``, output ``output``), unchecked.
+    Weights a model resizes from the input shape (EdgeFormer) are first folded for ``example_input``'s size.
 
     A model the exporter cannot express raises one LowformerError naming its reason, and leaves no file."""
     path = Path(path)
+    model = fold_input_size(model, example_input)
     try:
         with torch.inference_mode(False), torch.no_grad(), _held_output() as held:
             torch.onnx.export(model, (example_input,), str(path), input_names=["input"], output_names=["output"],
@@ -172,16 +176,6 @@ class _Reader:
     def get_next(self) -> dict[str, Any] | None:
         batch = next(self._it, None)
         return None if batch is None else {self.input_name: batch.float().contiguous().numpy()}
-
-
-def cpu_has_vnni(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """Whether this x86 CPU has VNNI dot-product instructions (AVX512-VNNI or AVX-VNNI), which accumulate
-    u8 x s8 products in 32 bits without the 16-bit saturation of plain AVX2 (read from Linux's cpuinfo)."""
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
