@@ -83,10 +83,9 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     write_records(RESULTS / f"{args.tag}.csv", records)
     write_records(RESULTS / f"{args.tag}.json", records)
-    plot_records([r for r in records if r["batch_size"] == max(batch_sizes) and r["threads"] == max(args.threads)],
-                 RESULTS / f"{args.tag}.png",
-                 title=f"{records[0]['device']}, {max(args.threads)} threads, batch {max(batch_sizes)}, "
-                       f"torch {records[0]['torch_version']}, shared VM (load {records[0]['load_avg_1m']:.1f})")
+    plot_records(records, RESULTS / f"{args.tag}.png",
+                 title=f"{records[0]['device']} ({records[0]['cpu_flags']}), torch {records[0]['torch_version']}, "
+                       f"shared VM (load {records[0]['load_avg_1m']:.1f})")
     (RESULTS / f"{args.tag}.md").write_text(markdown_table(records))
     print(f"wrote {RESULTS}/{args.tag}.{{csv,json,png,md}} in {time.time() - started:.0f} s")
     return 0

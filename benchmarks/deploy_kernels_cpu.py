@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lowformer.bench.timing import environment  # noqa: E402
+from lowformer.bench.timing import environment, interleave, summarize  # noqa: E402
 from lowformer.deploy import deploy  # noqa: E402
 from lowformer.deploy.onnx import OrtModule, cpu_has_vnni, export_onnx, quantize_int8  # noqa: E402
 
@@ -43,23 +43,10 @@ ACTIVATIONS = {"hardswish": (nn.Hardswish, F.hardswish), "gelu": (nn.GELU, F.gel
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, min_time: float) -> dict[str, tuple[float, float]]:
-    """``{name: (min, median of the round medians)}`` in ms; every round times every candidate once."""
-    for fn in fns.values():
-        fn()
-        fn()
-    medians: dict[str, list[float]] = {k: [] for k in fns}
-    best = {k: float("inf") for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times, start = [], time.perf_counter()
-            while len(times) < 3 or time.perf_counter() - start < min_time:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            times.sort()
-            medians[name].append(times[len(times) // 2])
-            best[name] = min(best[name], times[0])
-    return {k: (best[k] * 1e3, sorted(v)[len(v) // 2] * 1e3) for k, v in medians.items()}
+    """``{name: (min, median)}`` in ms over every round's samples; every round times every candidate once
+    (``lowformer.bench.timing.interleave``, one thread)."""
+    measured = interleave(fns, threads=1, rounds=rounds, warmup=2, min_run_time=min_time)
+    return {name: (t["min_ms"], t["median_ms"]) for name, t in ((k, summarize(m)) for k, m in measured.items())}
 
 
 class PointwiseBlock(nn.Module):
@@ -203,7 +190,7 @@ def main() -> int:
     torch.set_num_threads(1)
     import onnxruntime
     env = environment("cpu", 1)
-    row_env = {"device": env["device"], "vnni": cpu_has_vnni(), "torch": env["torch_version"],
+    row_env = {"device": env["device"], "cpu_flags": env["cpu_flags"], "vnni": cpu_has_vnni(), "torch": env["torch_version"],
                "onnxruntime": onnxruntime.__version__, "threads": 1, "load_avg_1m": f"{os.getloadavg()[0]:.2f}"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"deploy_kernels_cpu_{time.strftime('%Y%m%d-%H%M', time.gmtime())}.csv"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,15 +27,99 @@ def test_export_deploy_graph_matches_pytorch(tmp_path, capsys):
     assert OrtModule(out)(torch.randn(3, 3, 64, 64)).shape == (3, 1000)  # dynamic batch
 
 
-def test_check_fails_loudly_and_removes_the_file_on_divergence(tmp_path):
+class _Diverging(torch.nn.Module):
+    """Computes something else inside the exporter: its ONNX file cannot match PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x).flatten(1)
+        return y * 2 if torch.onnx.is_in_onnx_export() else y
+
+
+def test_check_fails_loudly_and_leaves_the_checked_file(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
     x = torch.randn(1, 3, 8, 8)
     path = tmp_path / "m.onnx"
     assert export_onnx(model, path, x)["rel_diff"] < 1e-5
+    before = path.read_bytes()
     with pytest.raises(DeployMismatchError, match="diverges"):
         check_onnx(path, other, [x])
-    assert not path.exists()
+    assert path.read_bytes() == before  # checking a file never deletes it
+
+
+def test_a_failed_export_keeps_the_existing_good_file(tmp_path):
+    """Divergent outputs, and an exporter failure: the model.onnx already there survives byte for byte, and no
+    temporary file is left beside it."""
+    good = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    path = tmp_path / "model.onnx"
+    export_onnx(good, path, x)
+    before = path.read_bytes()
+    with pytest.raises(DeployMismatchError, match="diverges"):
+        export_onnx(_Diverging().eval(), path, x)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    from lowformer.errors import LowformerError
+    with pytest.raises(LowformerError, match="opset"):
+        export_onnx(good, path, x, opset=3)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    OrtModule(path)(x)  # still the good, loadable file
+
+
+def test_export_command_failure_keeps_the_users_file(tmp_path, capsys, monkeypatch):
+    """A disk that fills up while the exporter writes: one line, the user's file unchanged, nothing left over."""
+    import errno
+
+    def full_disk(model, args, f, **kwargs):
+        Path(f).write_bytes(b"half an onnx file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the user's own file")
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    assert main(["export", "test_efficientnet", "--image-size", "32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err
+    assert out.read_bytes() == b"the user's own file" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.skipif(not IMAGES.is_dir(), reason="needs the shared imagenet-sample images")
+def test_failed_int8_export_touches_no_user_file_and_leaves_no_temporary_folder(tmp_path, monkeypatch, capsys):
+    """``--out q.onnx``: the user's q.onnx and q.fp32.onnx are never touched, whether the export fails (a cosine
+    gate no quantization meets) or succeeds, and no temporary folder stays behind."""
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "q.onnx").write_bytes(b"an older model")
+    (work / "q.fp32.onnx").write_bytes(b"the user's fp32 model")
+    args = ["export", "test_efficientnet", "--precision", "int8", "--calibration", str(IMAGES),
+            "--calibration-count", "4", "--image-size", "32", "--out", str(work / "q.onnx")]
+    assert main(args + ["--min-cosine", "1.0"]) == 2
+    assert "cosine" in capsys.readouterr().err
+    assert (work / "q.onnx").read_bytes() == b"an older model"
+    assert (work / "q.fp32.onnx").read_bytes() == b"the user's fp32 model"
+    assert sorted(p.name for p in work.iterdir()) == ["q.fp32.onnx", "q.onnx"] and not list(private.iterdir())
+    assert main(args + ["--min-cosine", "-1"]) == 0
+    assert (work / "q.fp32.onnx").read_bytes() == b"the user's fp32 model"
+    assert (work / "q.onnx").read_bytes() != b"an older model" and not list(private.iterdir())
+    assert sorted(p.name for p in work.iterdir()) == ["q.fp32.onnx", "q.onnx"]
+
+
+def test_deploy_int8_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+    x = torch.randn(4, 3, 12, 12)
+    int8 = lowformer.deploy(model, x[:1], precision="int8", calibration=x, min_cosine=0.9)
+    assert int8(x).shape == (4, 8 * 10 * 10) and int8.path is None
+    assert not list(private.iterdir())
 
 
 def test_int8_export_needs_calibration_images(tmp_path, capsys):
@@ -79,6 +164,7 @@ def test_cpu_has_vnni_reads_the_cpu_flags(tmp_path):
 def test_reduce_range_quantizes_weights_to_seven_bits(tmp_path):
     import onnx
     from onnx import numpy_helper
+
     from lowformer.deploy.onnx import quantize_int8
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
@@ -138,3 +224,38 @@ def test_a_model_the_exporter_cannot_express_gives_one_line(tmp_path, capfd):
         export_onnx(InputSizedKernel().eval(), path, torch.randn(1, 3, 8, 8))
     assert "\n" not in str(info.value) and not path.exists()
     assert "graph" not in capfd.readouterr().out  # the exporter's graph dump is held back
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--opset", "3"], "opset 3"), (["--opset", "40"], "opset 40"), (["--image-size", "0"], "--image-size 0"),
+    (["--image-size", "-5"], "--image-size -5"), (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--out", "{tmp}/m.txt"], "unknown file type '.txt'"), (["--out", "{tmp}/a_file/m.onnx"], "cannot write in"),
+    (["--precision", "int8", "--calibration", "{tmp}", "--calibration-count", "0"], "count 0"),
+    (["--precision", "int8", "--calibration", "{tmp}/missing"], "does not exist"),
+    (["--precision", "int8", "--calibration", "{tmp}/a_file"], "is a file"),
+    (["--calibration", "{tmp}"], "--precision int8"), (["--min-cosine", "2"], "--min-cosine 2"),
+    (["--checkpoint", "{tmp}/none.pt"], "no such file"),
+])
+def test_export_bad_values_fail_in_one_line_before_any_work(argv, words, tmp_path, capsys, monkeypatch):
+    import lowformer.models
+    monkeypatch.setattr(lowformer.models, "create_model", lambda *a, **k: pytest.fail("work started before the check"))
+    (tmp_path / "a_file").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "m.onnx")]
+    assert main(["export", "test_efficientnet", *argv]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("lowformer export: error:") and words in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_export_flag_aliases_and_opset(tmp_path):
+    from lowformer.cli import build_parser
+    args = build_parser().parse_args(["export", "m", "--out", "m.onnx", "--image_size", "32", "--calibration_count",
+                                      "5", "--min_cosine", "0.5"])
+    assert (args.image_size, args.calibration_count, args.min_cosine, args.opset, args.device) == (32, 5, 0.5, 18, "cpu")
+    import onnx
+    out = tmp_path / "m.onnx"
+    assert main(["export", "test_efficientnet", "--image-size", "32", "--opset", "17", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {17}

@@ -48,7 +48,19 @@ def _execution_order(model: nn.Module, names: list[str], x: torch.Tensor) -> lis
 @torch.inference_mode()
 def profile_model(name: str, image_size: int = 224, batch_size: int = 1, device: str = "cpu", threads: int = 1,
                   iterations: int = 20, warmup: int = 5, deploy: bool = True, row_limit: int = 15) -> dict[str, Any]:
-    """Params, MACs, per-stage MACs and median ms, and the per-operator profiler table of ``name``."""
+    """Params, MACs, per-stage MACs and median ms, and the per-operator profiler table of ``name``; every
+    argument is range-checked before the model is built."""
+    from lowformer.bench.runner import require_at_least
+    from lowformer.deploy.backends import parse_device
+    from lowformer.models import resolve_model_name
+    require_at_least(image_size, 1, "--image-size", "give a side of at least 1 pixel")
+    require_at_least(batch_size, 1, "--batch-size", "give at least 1")
+    require_at_least(threads, 1, "--threads", "give at least 1 thread")
+    require_at_least(iterations, 1, "--iterations", "time at least 1 pass")
+    require_at_least(warmup, 0, "--warmup", "give 0 or more untimed passes")
+    require_at_least(row_limit, 1, "--rows", "show at least 1 row")
+    device = parse_device(device)
+    resolve_model_name(name)
     model = build_model(name, deploy=deploy).to(device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     names = _execution_order(model, stage_names(model), x)

@@ -7,15 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from lowformer.errors import LowformerError
+from lowformer.files import atomic_output, check_output_path
 
-__all__ = ["RECORD_FIELDS", "format_table", "write_records", "read_records", "plot_records"]
+__all__ = ["RECORD_FIELDS", "OUTPUT_SUFFIXES", "PLOT_SUFFIXES", "format_table", "write_records", "read_records",
+           "plot_figure", "plot_records"]
+
+OUTPUT_SUFFIXES = (".json", ".csv")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 # Column order of the CSV (JSON records carry the same keys, plus backend-specific extras).
 RECORD_FIELDS = [
     "model", "registry_name", "backend", "mode", "batch_size", "image_size", "device", "device_type", "threads",
     "torch_version", "timm_version", "load_avg_1m", "omp_wait_policy", "amp", "deployed", "median_ms", "min_ms",
     "mean_ms", "iqr_ms", "samples", "calls_per_sample", "noisy", "images_per_s", "params", "macs",
-    "max_abs_diff", "rounds", "job", "jobs",
+    "max_abs_diff", "min_cosine", "lossy", "session_threads", "cpu_flags", "rounds", "job", "jobs",
 ]
 
 
@@ -39,17 +44,17 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def write_records(path: str | Path, records: list[dict[str, Any]]) -> None:
-    """``.json``: a list of records; ``.csv``: one row per record with RECORD_FIELDS as columns."""
-    path = Path(path)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(records, indent=1) + "\n")
-    elif path.suffix == ".csv":
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(records)
-    else:
-        raise LowformerError(f"cannot write '{path}': use a .json or .csv file name")
+    """``.json``: a list of records; ``.csv``: one row per record with RECORD_FIELDS as columns. The file is
+    written under a temporary name and renamed, so a failure leaves an existing file as it was."""
+    path = check_output_path(path, OUTPUT_SUFFIXES, "--out")
+    with atomic_output(path) as tmp:
+        if path.suffix.lower() == ".json":
+            tmp.write_text(json.dumps(records, indent=1) + "\n")
+        else:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(records)
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -71,46 +76,99 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_records(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
-    """Latency versus resolution per model when several image sizes were measured, else throughput
-    (images/s) versus MACs, one marker per (model, backend) and one colour per backend/batch/threads."""
+def _series_label(r: dict[str, Any]) -> str:
+    amp = "" if r.get("amp", "fp32") == "fp32" else f" {r['amp']}"
+    return f"{r['backend']}{amp}, {r['threads']} thread{'s' if int(r['threads']) != 1 else ''}"
+
+
+_NOISY_LABEL = "hatched: noisy (IQR > 10% of the median, or < 3 samples)"
+
+
+def plot_figure(records: list[dict[str, Any]], title: str = "") -> Any:
+    """A matplotlib figure of ``records`` (per-process rows of a parallel run left out, aggregates kept).
+
+    One size: a panel per batch size, batch 1 (the headline latency) first, each with grouped bars per model
+    for every (backend, threads) series: median ms per image, IQR error bars, noisy figures hatched. Several
+    sizes: median ms per batch against image size, one line per (model, backend, batch, threads)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
     except ImportError as e:
         raise LowformerError("--plot needs matplotlib: pip install 'lowformer[plot]'") from e
     records = [r for r in records if r.get("job") in (None, "", "all")]
-    sizes = {r["image_size"] for r in records}
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    if not records:
+        raise LowformerError("nothing to plot: no benchmark records")
+    sizes = sorted({r["image_size"] for r in records})
+    batches = sorted({r["batch_size"] for r in records}, key=lambda b: (b != 1, b))
+    models = list(dict.fromkeys(r["model"] for r in records))
+    labels = list(dict.fromkeys(_series_label(r) for r in records))
+    colours = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}
+    any_noisy = any(r.get("noisy") in (True, "True", 1) for r in records)
     if len(sizes) > 1:
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        axes = [ax]
         series: dict[str, list] = {}
         for r in records:
-            series.setdefault(f"{r['model']} {r['backend']} b{r['batch_size']} t{r['threads']}", []).append(r)
+            series.setdefault(f"{r['model']} {_series_label(r)} b{r['batch_size']}", []).append(r)
         for label, rs in series.items():
             rs.sort(key=lambda r: r["image_size"])
-            ax.plot([r["image_size"] for r in rs], [r["median_ms"] for r in rs], marker="o", label=label)
+            ax.errorbar([r["image_size"] for r in rs], [r["median_ms"] for r in rs],
+                        yerr=[r["iqr_ms"] / 2 for r in rs], marker="o", capsize=3, label=label)
+            noisy = [r for r in rs if r.get("noisy") in (True, "True", 1)]
+            ax.scatter([r["image_size"] for r in noisy], [r["median_ms"] for r in noisy], s=120, facecolors="none",
+                       edgecolors="red", zorder=3)
         ax.set_xlabel("image size (px)")
-        ax.set_ylabel("median ms per batch")
+        ax.set_ylabel("median ms per batch (IQR error bars)")
+        if any_noisy:
+            ax.scatter([], [], s=120, facecolors="none", edgecolors="red", label="ringed: noisy")
+        ax.legend(fontsize=7)
     else:
-        groups: dict[str, list] = {}
-        for r in records:
-            groups.setdefault(f"{r['backend']} b{r['batch_size']} t{r['threads']}", []).append(r)
-        for label, rs in groups.items():
-            ax.scatter([r["macs"] / 1e9 for r in rs], [r["images_per_s"] for r in rs], label=label)
-        for r in records:
-            if r["backend"] == records[0]["backend"] and r["batch_size"] == records[0]["batch_size"] \
-                    and r["threads"] == records[0]["threads"]:
-                ax.annotate(r["model"], (r["macs"] / 1e9, r["images_per_s"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("GMACs per image")
-        ax.set_ylabel("images / s (median)")
-        ax.set_yscale("log")
-    if records:
-        r = records[0]
-        ax.set_title(title or f"{r['device']}, torch {r['torch_version']}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        fig, axes = plt.subplots(len(batches), 1, figsize=(max(8, 1.2 * len(models) * max(1, len(labels)) / 3),
+                                                         4.5 * len(batches)), squeeze=False)
+        axes = list(axes[:, 0])
+        width = 0.8 / len(labels)
+        for ax, batch in zip(axes, batches):
+            cells = {(r["model"], _series_label(r)): r for r in records if r["batch_size"] == batch}
+            for j, label in enumerate(labels):
+                xs, ys, errs, hatches = [], [], [], []
+                for i, model in enumerate(models):
+                    r = cells.get((model, label))
+                    if r is None:
+                        continue
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    ys.append(r["median_ms"] / batch)
+                    errs.append(r["iqr_ms"] / batch / 2)
+                    hatches.append("//" if r.get("noisy") in (True, "True", 1) else "")
+                if not xs:
+                    continue
+                bars = ax.bar(xs, ys, width, yerr=errs, capsize=2, color=colours[label], label=label)
+                for bar, hatch in zip(bars, hatches):
+                    bar.set_hatch(hatch)
+            ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+            what = "headline latency" if batch == 1 else "throughput: 1000 / ms = images per second"
+            ax.set_title(f"batch {batch} ({what}), {sizes[0]} px", fontsize=9)
+            ax.set_ylabel("median ms per image (IQR error bars)")
+            handles, names = ax.get_legend_handles_labels()
+            if any_noisy:
+                handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=_NOISY_LABEL))
+            ax.legend(handles=handles, fontsize=7)
+    r = records[0]
+    fig.suptitle(title or f"{r['device']}, torch {r['torch_version']}", fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_records(records: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """:func:`plot_figure` written to ``path`` (``.png``, ``.pdf`` or ``.svg``) under a temporary name, renamed."""
+    import matplotlib.pyplot as plt
+    path = check_output_path(path, PLOT_SUFFIXES, "--plot")
+    fig = plot_figure(records, title)
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)

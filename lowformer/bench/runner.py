@@ -7,44 +7,50 @@ and adds an aggregate record per configuration.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from lowformer.bench.backends import BACKENDS, Prepared, check_amp, prepare
 from lowformer.bench.complexity import count_macs, count_params
 from lowformer.bench.featured import build_model
-from lowformer.models import resolve_model_name
-from lowformer.bench.timing import environment, measure, merge, summarize
+from lowformer.bench.results import OUTPUT_SUFFIXES, PLOT_SUFFIXES, plot_records, write_records
+from lowformer.bench.timing import MIN_SAMPLES, environment, interleave, summarize
+from lowformer.deploy.backends import Prepared, check_amp, get_backend, parse_device, prepare
+from lowformer.deploy.onnx import OPSET, check_opset
 from lowformer.errors import LowformerError
+from lowformer.files import check_output_path
+from lowformer.models import resolve_model_name
 
-__all__ = ["BenchConfig", "default_batch_size", "run_benchmark", "run_jobs"]
+__all__ = ["BenchConfig", "benchmark", "default_batch_size", "default_threads", "require_at_least", "resolve",
+           "run_benchmark", "run_jobs"]
 
 _logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BenchConfig:
-    """What to measure. Lists are swept; ``batch_size=None`` picks the mode's default for the device."""
+    """What to measure. Lists are swept; ``batch_size=None`` picks the mode's default for the device and
+    ``threads=None`` the machine's threads shared out among ``jobs``; ``jobs > 1`` measures latency."""
     models: list[str]
     device: str = "cpu"
     mode: str = "throughput"
     batch_size: int | None = None
     image_sizes: list[int] = field(default_factory=lambda: [224])
-    threads: list[int] = field(default_factory=lambda: [1])
+    threads: list[int] | None = None
     backends: list[str] = field(default_factory=lambda: ["eager"])
     iterations: int | None = None
     warmup: int = 10
     min_run_time: float = 1.0
+    min_samples: int = MIN_SAMPLES
     rounds: int = 1
     amp: str | None = None
-    opset: int = 17
+    opset: int = OPSET
     deploy: bool = True
     jobs: int = 1
     onnx_cache: str | None = None
@@ -58,50 +64,87 @@ def default_batch_size(mode: str, device: str) -> int:
     return 200 if torch.device(device).type == "cuda" else 16
 
 
-def _validate(config: BenchConfig) -> torch.device:
+def default_threads(jobs: int = 1) -> int:
+    """The machine's intra-op threads (torch's default) shared out among ``jobs`` processes, at least one each."""
+    return max(1, torch.get_num_threads() // max(jobs, 1))
+
+
+def require_at_least(value: Any, low: int | float, name: str, what: str) -> None:
+    """One LowformerError naming ``name`` and ``what`` to give unless ``value`` is a number >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+        raise LowformerError(f"{name} {value!r} is out of range: {what}")
+
+
+def resolve(config: BenchConfig) -> BenchConfig:
+    """``config`` checked (every range, name and device, before any work) with its defaults filled in: the
+    mode's batch size, latency for ``jobs > 1`` and the threads shared out among the jobs."""
+    if not config.models:
+        raise LowformerError("no model given: name one or more, e.g. `lowformer bench lowformer_b1 fastvit_t8`")
     if config.mode not in ("throughput", "latency"):
         raise LowformerError(f"unknown mode '{config.mode}': use throughput or latency")
+    device = parse_device(config.device)
+    require_at_least(config.jobs, 1, "--jobs", "give at least 1 process")
+    if config.batch_size is not None:
+        require_at_least(config.batch_size, 1, "--batch-size", "give at least 1 (or leave it out for the mode's default)")
+    if not config.image_sizes:
+        raise LowformerError("--image-size needs at least one size")
+    for size in config.image_sizes:
+        require_at_least(size, 1, "--image-size", "give a side of at least 1 pixel")
+    if config.threads is not None:
+        if not config.threads:
+            raise LowformerError("--threads needs at least one count")
+        for threads in config.threads:
+            require_at_least(threads, 1, "--threads", "give at least 1 thread")
+    if config.iterations is not None:
+        require_at_least(config.iterations, 1, "--iterations", "time at least 1 pass (or leave it out to time for --min-time)")
+    require_at_least(config.warmup, 0, "--warmup", "give 0 or more untimed passes")
+    require_at_least(config.rounds, 1, "--rounds", "give at least 1 round")
+    require_at_least(config.min_samples, 1, "--min-samples", "give at least 1 sample")
+    if isinstance(config.min_run_time, bool) or not isinstance(config.min_run_time, (int, float)) \
+            or not config.min_run_time > 0:
+        raise LowformerError(f"--min-time {config.min_run_time!r} is out of range: give a positive number of seconds")
+    check_opset(config.opset)
+    if not config.backends:
+        raise LowformerError("--backend needs at least one backend")
     for backend in config.backends:
-        if backend not in BACKENDS:
-            raise LowformerError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
-    try:
-        device = torch.device(config.device)
-    except RuntimeError as e:
-        raise LowformerError(f"bad --device '{config.device}': {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LowformerError("--device cuda given but no CUDA device is visible; use --device cpu")
-    for backend in config.backends:
+        get_backend(backend)
         check_amp(device, config.amp, backend)
-    if config.iterations is not None and config.iterations < 1:
-        raise LowformerError("--iterations must be at least 1 (or left out to time for --min-time seconds)")
     for name in config.models:
         resolve_model_name(name)
-    return device
+    mode = "latency" if config.jobs > 1 else config.mode
+    threads = config.threads or [default_threads(config.jobs)]
+    cpus = os.cpu_count() or 1
+    if config.jobs * max(threads) > cpus:
+        _logger.warning("%d jobs x %d threads exceed the %d CPUs: the jobs will slow each other down", config.jobs,
+                        max(threads), cpus)
+    return dataclasses.replace(config, mode=mode, threads=list(threads),
+                               batch_size=config.batch_size or default_batch_size(mode, config.device))
 
 
-def _prepare_all(config: BenchConfig, device: torch.device, batch: int) -> dict[tuple, tuple[Prepared, dict]]:
+def _prepare_all(config: BenchConfig, device: torch.device) -> dict[tuple, tuple[Prepared, dict]]:
     """Every configuration built and checked before any is timed, keyed (model, size, backend, threads).
 
-    PyTorch backends are shared across thread counts (threads are set around each measurement); onnxruntime
-    fixes its threads when the session is created, so it gets one session per thread count."""
+    A backend that fixes its threads at creation (``owns_threads``: ONNX Runtime sessions) is prepared once per
+    thread count; the others share one runner across thread counts (threads are set around each measurement)."""
     prepared: dict[tuple, tuple[Prepared, dict[str, Any]]] = {}
     for name in config.models:
         model = build_model(name, deploy=config.deploy).to(device)
         params = count_params(model)
         for size in config.image_sizes:
             cost = {"params": params, "macs": count_macs(model, (3, size, size))}
-            x = torch.randn(batch, 3, size, size, device=device)
+            x = torch.randn(config.batch_size, 3, size, size, device=device)
             for backend in config.backends:
+                owns_threads = get_backend(backend).owns_threads
                 for threads in config.threads:
                     first = (name, size, backend, config.threads[0])
-                    if backend != "onnxruntime" and threads != config.threads[0]:
+                    if not owns_threads and threads != config.threads[0]:
                         if first in prepared:
                             prepared[(name, size, backend, threads)] = prepared[first]
                         continue
-                    _logger.info("preparing %s %dx%d batch %d on %s", name, size, size, batch, backend)
-                    target = copy.deepcopy(model) if backend == "channels_last" else model
+                    _logger.info("preparing %s %dx%d batch %d on %s (%d threads)", name, size, size,
+                                 config.batch_size, backend, threads)
                     try:
-                        p = prepare(target, backend, x, amp=config.amp, opset=config.opset, threads=threads,
+                        p = prepare(model, backend, x, threads=threads, amp=config.amp, opset=config.opset,
                                     cache_key=resolve_model_name(name),
                                     cache_dir=Path(config.onnx_cache) if config.onnx_cache else None)
                     except Exception as e:  # a backend that cannot take a model is a finding, not a crash
@@ -120,33 +163,50 @@ def run_benchmark(config: BenchConfig, barrier: Any = None, job: int | None = No
     With ``config.skip_failures`` a backend that cannot prepare a model is logged and left out instead of
     ending the run. ``barrier`` (a multiprocessing barrier) is waited on before every measurement, to keep
     parallel jobs in lockstep."""
-    device = _validate(config)
-    batch = config.batch_size or default_batch_size(config.mode, config.device)
+    config = resolve(config)
+    device = torch.device(config.device)
     env = environment(device, None)
-    prepared = _prepare_all(config, device, batch)
-    samples: dict[tuple, list] = {key: [] for key in prepared}
+    prepared = _prepare_all(config, device)
     loads: dict[tuple, float] = {}
-    for round_ in range(config.rounds):
-        _logger.info("round %d of %d: %d configurations", round_ + 1, config.rounds, len(prepared))
-        for key, (p, _) in prepared.items():
-            if barrier is not None:
-                barrier.wait()
-            loads.setdefault(key, os.getloadavg()[0])
-            samples[key].append(measure(p.run, threads=key[3], warmup=config.warmup, iterations=config.iterations,
-                                        min_run_time=config.min_run_time))
+
+    def before(key: tuple) -> None:
+        if barrier is not None:
+            barrier.wait()
+        loads.setdefault(key, os.getloadavg()[0])
+
+    _logger.info("%d rounds of %d configurations", config.rounds, len(prepared))
+    measured = interleave({key: p.run for key, (p, _) in prepared.items()}, {key: key[3] for key in prepared},
+                          rounds=config.rounds, warmup=config.warmup, iterations=config.iterations,
+                          min_run_time=config.min_run_time, min_samples=config.min_samples, before=before)
     records = []
     for key, (p, cost) in prepared.items():
         name, size, backend, threads = key
-        timing = summarize(merge(samples[key]))
+        timing = summarize(measured[key])
         records.append({
             "model": name, "registry_name": resolve_model_name(name), "backend": backend, "mode": config.mode,
-            "batch_size": batch, "image_size": size, "device": env["device"], "device_type": env["device_type"],
-            "threads": threads, "torch_version": env["torch_version"], "timm_version": env["timm_version"],
-            "load_avg_1m": loads[key], "omp_wait_policy": env["omp_wait_policy"], "amp": config.amp or "fp32",
-            "deployed": config.deploy, **timing, "images_per_s": batch * 1e3 / timing["median_ms"],
-            "params": cost["params"], "macs": cost["macs"], "max_abs_diff": p.max_abs_diff,
-            "rounds": config.rounds, "job": job, "jobs": config.jobs, **p.info,
+            "batch_size": config.batch_size, "image_size": size, "device": env["device"],
+            "device_type": env["device_type"], "threads": threads, "torch_version": env["torch_version"],
+            "timm_version": env["timm_version"], "load_avg_1m": loads[key], "omp_wait_policy": env["omp_wait_policy"],
+            "cpu_flags": env["cpu_flags"], "amp": config.amp or "fp32", "deployed": config.deploy, **timing,
+            "images_per_s": config.batch_size * 1e3 / timing["median_ms"], "params": cost["params"],
+            "macs": cost["macs"], "max_abs_diff": p.check["max_abs_diff"], "min_cosine": p.check["min_cosine"],
+            "lossy": get_backend(backend).lossy, "rounds": config.rounds, "job": job, "jobs": config.jobs, **p.info,
         })
+    return records
+
+
+def benchmark(config: BenchConfig, outputs: Sequence[str | os.PathLike] = (),
+              plot: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """``lowformer bench`` as one call: check ``config`` and the output paths (writable, ``.json`` / ``.csv`` for
+    ``outputs``, ``.png`` / ``.pdf`` / ``.svg`` for ``plot``) before any work, measure (in ``config.jobs``
+    processes when more than one), then write the records and the plot."""
+    outputs = [check_output_path(path, OUTPUT_SUFFIXES, "--out") for path in outputs]
+    plot = check_output_path(plot, PLOT_SUFFIXES, "--plot") if plot is not None else None
+    records = run_jobs(config)
+    for path in outputs:
+        write_records(path, records)
+    if plot is not None:
+        plot_records(records, plot)
     return records
 
 
@@ -163,9 +223,9 @@ def run_jobs(config: BenchConfig, timeout: float = 3600.0) -> list[dict[str, Any
 
     The aggregate's ``median_ms`` is the mean of the processes' medians (the original's "Meanmed": latency
     under contention), ``min_ms`` the smallest minimum and ``images_per_s`` the sum over processes."""
+    config = resolve(config)
     if config.jobs < 2:
         return run_benchmark(config)
-    _validate(config)
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(config.jobs), ctx.Queue()
     procs = [ctx.Process(target=_job_main, args=(config, j, barrier, queue), daemon=True) for j in range(config.jobs)]

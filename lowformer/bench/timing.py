@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.benchmark.utils.common import TaskSpec, set_torch_threads
 from torch.utils.benchmark.utils.timer import timer as synchronised_clock
 
-__all__ = ["environment", "measure", "merge", "summarize", "time_callable"]
+__all__ = ["MIN_SAMPLES", "cpu_flags", "environment", "interleave", "measure", "merge", "summarize", "time_callable"]
+
+K = TypeVar("K")
 
 
 def environment(device: torch.device | str = "cpu", threads: int | None = None) -> dict[str, Any]:
@@ -27,8 +29,22 @@ def environment(device: torch.device | str = "cpu", threads: int | None = None) 
         "timm_version": timm.__version__,
         "threads": threads if threads is not None else torch.get_num_threads(),
         "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "cpu_flags": " ".join(cpu_flags()),
     }
+
+
+# the instruction sets the CPU backends' speed depends on
+_SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Which of the speed-relevant instruction sets (AVX2, AVX-512, VNNI, BF16, AMX) Linux reports."""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in _SPEED_FLAGS if flag in flags]
 
 
 def _cpu_name() -> str:
@@ -42,25 +58,53 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Samples a measurement takes at least when it times for a duration: with fewer, the quartiles (and so the
+# noise flag) mean little; a batch-16 CPU pass of ~0.2 s gave 4-6 samples in one second.
+MIN_SAMPLES = 10
+
+
 def measure(fn: Callable[[], Any], threads: int = 1, warmup: int = 10, iterations: int | None = None,
-            min_run_time: float = 1.0, clock: Callable[[], float] = synchronised_clock) -> Measurement:
+            min_run_time: float = 1.0, min_samples: int = MIN_SAMPLES,
+            clock: Callable[[], float] = synchronised_clock) -> Measurement:
     """Time ``fn`` after ``warmup`` untimed calls.
 
     With ``iterations``, exactly that many calls are timed one by one (the original's per-pass protocol);
-    without, ``Timer.blocked_autorange`` picks a block size and repeats blocks for ``min_run_time`` seconds.
-    The default clock synchronises the accelerator before each reading, so GPU work is inside the sample."""
+    without, ``Timer.blocked_autorange`` picks a block size and repeats blocks for ``min_run_time`` seconds,
+    then adds blocks until there are ``min_samples``. The default clock synchronises the accelerator before
+    each reading, so GPU work is inside the sample."""
     with set_torch_threads(threads):
         for _ in range(warmup):
             fn()
         if iterations is None:
             timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, timer=clock)
-            return timer.blocked_autorange(min_run_time=min_run_time)
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+            times = list(m.raw_times)
+            while len(times) < min_samples:
+                times += timer.timeit(m.number_per_run).raw_times
+            return Measurement(number_per_run=m.number_per_run, raw_times=times, task_spec=m.task_spec)
         times = []
         for _ in range(iterations):
             start = clock()
             fn()
             times.append(clock() - start)
     return Measurement(number_per_run=1, raw_times=times, task_spec=TaskSpec("fn()", "", num_threads=threads))
+
+
+def interleave(fns: dict[K, Callable[[], Any]], threads: dict[K, int] | int = 1, rounds: int = 1, warmup: int = 10,
+               iterations: int | None = None, min_run_time: float = 1.0, min_samples: int = MIN_SAMPLES,
+               before: Callable[[K], None] | None = None) -> dict[K, Measurement]:
+    """Measure every callable once per round, ``rounds`` times, and merge each one's samples: a change in the
+    machine's load spreads over all candidates instead of landing on one. ``before(key)`` runs before each
+    measurement (a barrier, a load reading)."""
+    samples: dict[K, list[Measurement]] = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            if before is not None:
+                before(key)
+            samples[key].append(measure(fn, threads=threads[key] if isinstance(threads, dict) else threads,
+                                        warmup=warmup, iterations=iterations, min_run_time=min_run_time,
+                                        min_samples=min_samples))
+    return {key: merge(ms) for key, ms in samples.items()}
 
 
 def merge(measurements: list[Measurement]) -> Measurement:

@@ -1,4 +1,6 @@
-"""``lowformer profile MODEL``: params, MACs, and MACs and time per stage and per operator."""
+"""``lowformer profile MODEL``: params, MACs, and MACs and time per stage and per operator.
+
+Flags are spelled with dashes; underscore spellings are accepted as aliases."""
 from __future__ import annotations
 
 import argparse
@@ -16,10 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model name (project, timm, or the original's --other name)")
     p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=224)
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="same as --device cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--iterations", type=int, default=20, help="timed passes for the per-stage times")
-    p.add_argument("--no-deploy", dest="deploy", action="store_false", help="profile the training form")
+    p.add_argument("--warmup", type=int, default=5, help="untimed passes first")
+    p.add_argument("--no-deploy", "--no_deploy", dest="deploy", action="store_false", help="profile the training form")
     p.add_argument("--rows", type=int, default=15, help="rows of the per-operator table")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
@@ -39,6 +43,7 @@ def format_profile(r: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     result = profile_model(args.model, image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-                           threads=args.threads, iterations=args.iterations, deploy=args.deploy, row_limit=args.rows)
+                           threads=args.threads, iterations=args.iterations, warmup=args.warmup, deploy=args.deploy,
+                           row_limit=args.rows)
     print(json.dumps(result, indent=1) if args.json else format_profile(result))
     return 0

@@ -1,55 +1,339 @@
-"""The deploy backends as callables on a fixed input, for ``lowformer bench --backend deploy`` and the
-benchmark script: ``deploy`` (PyTorch, fp32), ``deploy-bf16``, ``onnxruntime-deploy`` (ONNX Runtime on the
-exported deploy graph) and ``onnxruntime-int8`` (statically quantized export)."""
+"""The one backend layer: a table of :class:`Backend` objects, each turning a model into a callable on a fixed input.
+
+``lowformer bench``, the benchmark scripts and the deploy paths all go through this table. A backend's
+``prepare(model, x, threads, options)`` returns a :class:`Runner` (``runner()`` does one forward pass on ``x``);
+:func:`prepare` adds what every backend shares: the reference output of the eager model, the one output check
+(:func:`lowformer.deploy.check.verify_outputs`, exact backends by max |diff|, lossy ones recorded by cosine) and
+the record of what was prepared.
+
+``owns_threads`` marks a runtime that fixes its thread count when the runner is created (an ONNX Runtime
+session): a thread sweep prepares it once per thread count. The others are PyTorch, whose threads the timing
+sets around each measurement (``lowformer.bench.timing``), so one runner serves every thread count.
+
+A new backend plugs in with :func:`register_backend` (a duplicate name is refused).
+"""
 from __future__ import annotations
 
-import tempfile
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from lowformer.deploy import deploy
+from lowformer.deploy.check import OutputMismatchError, verify_outputs
+from lowformer.deploy.onnx import OPSET, check_opset
 from lowformer.errors import LowformerError
 
-__all__ = ["DEPLOY_BACKENDS", "deploy_runner"]
+__all__ = ["Backend", "BackendOptions", "Runner", "Prepared", "BACKENDS", "AMP_DTYPES", "OutputMismatchError",
+           "register_backend", "get_backend", "backend_names", "prepare", "check_amp", "onnx_cache_dir",
+           "parse_device"]
 
-DEPLOY_BACKENDS = ("deploy", "deploy-bf16", "onnxruntime-deploy", "onnxruntime-int8")
+_logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# max |backend - eager| <= RTOL x max |eager| for the exact backends: looser than deploy's 1e-4, because
+# TorchScript's and ONNX Runtime's kernels sum in other orders; under autocast the reference is itself low precision
+RTOL = {None: 1e-3, "amp": 5e-2}
 
 
-def deploy_runner(model: nn.Module, backend: str, x: torch.Tensor, threads: int = 1,
-                  calibration: Iterable[torch.Tensor] | torch.Tensor | None = None,
-                  workdir: str | Path | None = None) -> tuple[Callable[[], torch.Tensor], dict[str, Any]]:
-    """``(run, info)``: ``run()`` does one inference on ``x`` with ``backend``; ``info`` is the deploy report
-    (passes applied, output check). The result was already checked against ``model`` on ``x``'s shape.
+@dataclass
+class BackendOptions:
+    """What some backends need beyond (model, x, threads): autocast dtype (PyTorch backends), ONNX opset and
+    cache (ONNX backends), calibration images (int8; default: the timed input itself, as speed does not
+    depend on them)."""
+    amp: str | None = None
+    opset: int | None = None
+    cache_dir: Path | None = None
+    cache_key: str | None = None
+    calibration: torch.Tensor | None = None
 
-    ONNX files go to ``workdir`` (default: a fresh temporary directory); ``threads`` sets ONNX Runtime's
-    intra-op threads (PyTorch's are the caller's, e.g. torch.utils.benchmark's ``num_threads``). Lossy backends
-    accept any cosine (timing does not depend on it) and record it in ``info['check']``."""
-    from lowformer.deploy.onnx import OrtModule, deploy_int8, export_onnx, portable_deploy
-    if backend not in DEPLOY_BACKENDS:
-        raise LowformerError(f"unknown deploy backend '{backend}': use one of {', '.join(DEPLOY_BACKENDS)}")
-    example = x[:1]
-    if backend in ("deploy", "deploy-bf16"):  # weights pre-packed for, and checked at, the timed shape
-        bf16 = backend == "deploy-bf16"
-        module = deploy(model, x, precision="bf16" if bf16 else "fp32", min_cosine=-1.0 if bf16 else None)
-        info = module.report
-    else:
-        workdir = Path(workdir or tempfile.mkdtemp(prefix="lowformer-deploy-"))
-        workdir.mkdir(parents=True, exist_ok=True)
-        if backend == "onnxruntime-int8":
-            module = deploy_int8(model, example, calibration, threads=threads, out_path=workdir / "int8.onnx",
-                                 min_cosine=-1.0)
-            module.report["onnx_file"] = module.path
-        else:
-            path = workdir / "deploy.onnx"
-            report = export_onnx(portable_deploy(model, example), path, example, reference=model)
-            module = OrtModule(path, threads)
-            module.report = {"check": report, "onnx_file": str(path)}
-        info = module.report
+
+@dataclass
+class Runner:
+    """A prepared backend: ``runner()`` runs one inference on the prepared input; ``info`` says what was prepared
+    (ONNX file, opset, session threads, deploy passes)."""
+    fn: Callable[[], Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> Any:
+        return self.fn()
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the table.
+
+    Attributes:
+        name: the ``--backend`` name.
+        prepare: ``prepare(model, x, threads, options) -> Runner``; ``model`` is in eval mode on ``x``'s device.
+        lossy: computes in lower precision (bf16, int8): outputs are compared by cosine and recorded, not refused.
+        owns_threads: the runner fixes its thread count when created (prepare once per thread count).
+        opset: the ONNX opset it exports with by default (None: no ONNX).
+        amp: honours ``--amp`` (autocast around the PyTorch forward).
+        summary: one line for ``--help``.
+    """
+    name: str
+    prepare: Callable[[nn.Module, torch.Tensor, int, BackendOptions], Runner]
+    lossy: bool = False
+    owns_threads: bool = False
+    opset: int | None = None
+    amp: bool = False
+    summary: str = ""
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add ``backend`` to the table; a name already taken is refused."""
+    if backend.name in BACKENDS:
+        raise ValueError(f"backend '{backend.name}' is already registered")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> list[str]:
+    """The registered backend names, in registration order."""
+    return list(BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; one LowformerError listing the others if there is none."""
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise LowformerError(f"unknown backend '{name}': use one of {', '.join(BACKENDS)}") from None
+
+
+def parse_device(device: str) -> torch.device:
+    """``device`` as a torch.device that exists here, or one LowformerError naming the choices."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LowformerError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise LowformerError(f"device '{device}' is not supported here: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LowformerError(f"device '{device}' given but no CUDA device is visible; use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LowformerError(f"device '{device}': there are only {torch.cuda.device_count()} CUDA device(s) "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return parsed
+
+
+def onnx_cache_dir() -> Path:
+    """Where exported ONNX files are kept: ``$LOWFORMER_CACHE/onnx`` or ``~/.cache/lowformer/onnx``."""
+    root = os.environ.get("LOWFORMER_CACHE") or Path.home() / ".cache" / "lowformer"
+    return Path(root) / "onnx"
+
+
+def check_amp(device: torch.device, amp: str | None, backend: str) -> None:
+    """Refuse AMP settings the device or backend cannot honour, instead of timing fp32 under an AMP label."""
+    if amp is None:
+        return
+    if amp not in AMP_DTYPES:
+        raise LowformerError(f"unknown --amp '{amp}': use one of {', '.join(AMP_DTYPES)}")
+    if not get_backend(backend).amp:
+        amp_backends = ", ".join(b.name for b in BACKENDS.values() if b.amp)
+        lossy = " or ".join(b.name for b in BACKENDS.values() if b.lossy)
+        raise LowformerError(f"--amp applies to the {amp_backends} backends; {backend} sets its own precision "
+                             f"(use {lossy})")
+    if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise LowformerError(f"{torch.cuda.get_device_name(device)} does not support bf16; use --amp fp16")
+
+
+def _autocast(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager:
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    """The tensor to compare: the first of a tuple / list / dict output, on the CPU (an ORT value copied back)."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    if not isinstance(out, torch.Tensor):
+        out = torch.from_numpy(out.numpy() if hasattr(out, "numpy") else out)
+    return out.detach().float().cpu()
+
+
+@dataclass
+class Prepared:
+    """A backend ready to time: ``run()`` does one forward pass; ``check`` is the output comparison with eager."""
+    backend: str
+    run: Runner
+    check: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return self.check["max_abs_diff"]
+
+
+def prepare(model: nn.Module, backend: str, x: torch.Tensor, threads: int = 1, amp: str | None = None,
+            opset: int | None = None, cache_key: str | None = None, cache_dir: Path | None = None,
+            calibration: torch.Tensor | None = None) -> Prepared:
+    """``backend``'s runner for ``model`` (eval mode, on ``x``'s device), checked against the eager model on ``x``.
+
+    Exact backends raise OutputMismatchError beyond ``RTOL``; lossy ones record their difference and cosine.
+    ``cache_key`` names the model in ONNX cache files (the weights' digest is added, so a file exported from
+    other weights is never reused)."""
+    spec = get_backend(backend)
+    check_amp(x.device, amp, backend)
+    if opset is not None:
+        check_opset(opset)
+    options = BackendOptions(amp=amp, opset=opset if opset is not None else spec.opset, cache_dir=cache_dir,
+                             cache_key=cache_key or type(model).__name__, calibration=calibration)
+    with torch.inference_mode(), _autocast(x.device, amp):
+        reference = _first_output(model(x))
+    runner = spec.prepare(model, x, threads, options)
+    output = _first_output(runner())
+    check = verify_outputs(lambda _: reference, lambda _: output, [x], f"the {backend} backend",
+                           rtol=None if spec.lossy else RTOL["amp" if amp else None],
+                           hint="time this model with another backend")
+    return Prepared(backend, runner, check, dict(runner.info))
+
+
+# --- PyTorch backends -------------------------------------------------------------------------------------------
+
+def _pytorch_runner(module: Callable[[torch.Tensor], Any], x: torch.Tensor, amp: str | None,
+                    info: dict[str, Any] | None = None) -> Runner:
+    def run() -> Any:
+        with torch.inference_mode(), _autocast(x.device, amp):
+            return module(x)
+    return Runner(run, info or {})
+
+
+def _eager(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    return _pytorch_runner(model, x, options.amp)
+
+
+def _channels_last(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    import copy
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return _pytorch_runner(model, x.contiguous(memory_format=torch.channels_last), options.amp)
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    with torch.no_grad(), _autocast(x.device, options.amp), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, still the original's --optit
+        traced = torch.jit.trace(model, x, check_trace=False)
+        scripted = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    return _pytorch_runner(scripted, x, options.amp)
+
+
+def _compile(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    return _pytorch_runner(torch.compile(model), x, options.amp)
+
+
+def _deploy(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions, precision: str) -> Runner:
+    """``lowformer.deploy``: weights pre-packed for, and checked at, the timed shape. bf16 accepts any cosine here
+    (timing does not depend on it); :func:`prepare` records it."""
+    from lowformer.deploy import deploy
+    module = deploy(model, x, precision=precision, min_cosine=-1.0 if precision != "fp32" else None)
+    return _pytorch_runner(module, x, None, {"deploy_passes": " ".join(module.report.get("passes", []))})
+
+
+# --- ONNX Runtime backends --------------------------------------------------------------------------------------
+
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha1()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _cached_export(graph: nn.Module, reference: nn.Module, x: torch.Tensor, options: BackendOptions,
+                   variant: str) -> Path:
+    """The ONNX file of ``graph`` in the cache, exported (and checked against ``reference``) once per
+    (model, weights, input size, opset, variant)."""
+    from lowformer.deploy.onnx import export_onnx
+    size = "x".join(str(s) for s in x.shape[2:])
+    opset = options.opset or OPSET
+    path = (options.cache_dir or onnx_cache_dir()) / (
+        f"{options.cache_key}{variant}_{size}_opset{opset}_{_weights_digest(reference)}.onnx")
+    if not path.exists():
+        _logger.info("exporting %s to %s", options.cache_key, path)
+        export_onnx(graph, path, x[:1].cpu(), reference=reference, rtol=RTOL[None], opset=opset)
+    return path
+
+
+def _ort_runner(path: Path | bytes, x: torch.Tensor, threads: int, info: dict[str, Any]) -> Runner:
+    """A session with ``threads`` intra-op threads on ``x``: IO-bound on CUDA, numpy on the CPU. ``info`` names
+    the ONNX file without its folder, so records written to results carry no machine paths."""
+    import numpy as np
+
+    from lowformer.deploy.onnx import ort_session
+    session = ort_session(path, threads, x.device)
+    info = {**info, "session_threads": session.get_session_options().intra_op_num_threads}
+    if x.device.type == "cuda":
+        binding = session.io_binding()
+        binding.bind_input("input", "cuda", x.device.index or 0, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output("output", "cuda", x.device.index or 0)
+
+        def run() -> Any:
+            session.run_with_iobinding(binding)
+            return binding.get_outputs()[0]
+        return Runner(run, info)
+    feed = {session.get_inputs()[0].name: x.detach().cpu().float().contiguous().numpy()}
+    return Runner(lambda: session.run(None, feed)[0], info)
+
+
+def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    path = _cached_export(model, model, x, options, "")
+    return _ort_runner(path, x, threads, {"onnx_file": path.name, "opset": options.opset})
+
+
+def _onnxruntime_deploy(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    from lowformer.deploy.onnx import portable_deploy
+    path = _cached_export(portable_deploy(model.cpu(), x[:1].cpu()), model, x, options, "_deploy")
+    model.to(x.device)
+    return _ort_runner(path, x, threads, {"onnx_file": path.name, "opset": options.opset})
+
+
+def _onnxruntime_int8(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    """int8 calibrated on ``options.calibration``, by default the timed input itself: speed does not depend on the
+    calibration data (accuracy: ``benchmarks/deploy_cpu.py --accuracy``). Nothing is left on disk."""
+    from lowformer.deploy.onnx import deploy_int8
+    if x.device.type != "cpu":
+        raise LowformerError("onnxruntime-int8 runs on the CPU: use --device cpu")
+    calibration = options.calibration if options.calibration is not None else x
+    module = deploy_int8(model, x[:1], calibration, threads=threads, min_cosine=-1.0)
+    info = {"session_threads": module.threads, "opset": OPSET,
+            "int8_cosine": module.report["check"]["min_cosine"]}
 
     def run() -> torch.Tensor:
         with torch.inference_mode():
             return module(x)
-    return run, info
+    return Runner(run, info)
+
+
+for _backend in (
+    Backend("eager", _eager, amp=True, summary="the PyTorch module as built"),
+    Backend("channels_last", _channels_last, amp=True, summary="the module and input in channels-last memory format"),
+    Backend("torchscript", _torchscript, amp=True,
+            summary="trace, freeze, optimize_for_inference (the original's --optit)"),
+    Backend("compile", _compile, amp=True, summary="torch.compile"),
+    Backend("onnxruntime", _onnxruntime, owns_threads=True, opset=OPSET,
+            summary="ONNX Runtime on the plain export (the original's --onnxrun)"),
+    Backend("deploy", functools.partial(_deploy, precision="fp32"), summary="lowformer.deploy's PyTorch graph, fp32"),
+    Backend("deploy-bf16", functools.partial(_deploy, precision="bf16"), lossy=True,
+            summary="lowformer.deploy's graph in bf16"),
+    Backend("onnxruntime-deploy", _onnxruntime_deploy, owns_threads=True, opset=OPSET,
+            summary="ONNX Runtime on the export of the deploy graph"),
+    Backend("onnxruntime-int8", _onnxruntime_int8, lossy=True, owns_threads=True, opset=OPSET,
+            summary="ONNX Runtime int8 static quantization of the deploy graph"),
+):
+    register_backend(_backend)

@@ -1,9 +1,12 @@
 """ONNX export checked against PyTorch, ONNX Runtime sessions, and int8 static quantization.
 
-An exported file is only written once ONNX Runtime's outputs match the PyTorch model's on the check inputs
-(``DeployMismatchError`` otherwise, and the file is removed). int8 uses ONNX Runtime's static quantization
-(QDQ, per-channel weights, MinMax calibration on real images); an empty calibration set is refused.
-On a CPU without VNNI (``lowformer.deploy.cpu``) weights are quantized to 7 bits (``reduce_range``): ONNX
+An exported file replaces its target only once ONNX Runtime's outputs match the PyTorch model's on the check
+inputs: it is written to a temporary name in the target folder, checked, then renamed over the target, so a
+failure (``OutputMismatchError``, an exporter error, a full disk) leaves whatever was there untouched. int8 uses
+ONNX Runtime's static quantization (QDQ, per-channel weights, MinMax calibration on real images); its
+intermediates (the fp32 export, the pre-processed graph) live in a private temporary directory that is always
+removed. An empty calibration set is refused.
+On a CPU without VNNI (``lowformer.deploy.cpu``), weights are quantized to 7 bits (``reduce_range``): ONNX
 Runtime's AVX2 u8 x s8 kernels add pairs of products in saturating 16-bit lanes (``vpmaddubsw``), which 255 x 127 x 2 overflows; with full
 8-bit weights a random-weight LowFormer-B0's int8 logits reach only 0.90 cosine to fp32 on real images, with
 7-bit weights 0.999 (``benchmarks/deploy_cpu.py --accuracy``).
@@ -22,23 +25,37 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, verify_outputs
+from lowformer.deploy.calibration import CHECK_BATCHES, calibration_batches
+from lowformer.deploy.check import DEFAULT_RTOL, verify_outputs
 from lowformer.deploy.cpu import cpu_has_vnni
 from lowformer.deploy.fold import fold_input_size
 from lowformer.errors import LowformerError
+from lowformer.files import atomic_output
 
-__all__ = ["OPSET", "write_onnx", "export_onnx", "ort_session", "OrtModule", "quantize_int8", "calibration_batches",
-           "deploy_int8", "portable_deploy", "cpu_has_vnni"]
+__all__ = ["OPSET", "MIN_OPSET", "MAX_OPSET", "check_opset", "write_onnx", "export_onnx", "check_onnx",
+           "ort_session", "OrtModule", "quantize_int8", "quantize_checked", "calibration_batches", "deploy_int8",
+           "portable_deploy", "cpu_has_vnni"]
 
 _logger = logging.getLogger(__name__)
 
+# The one default opset of every export (``lowformer export``, bench's ONNX backends, deploy int8).
 OPSET = 18
+# what torch's TorchScript-based exporter writes
+MIN_OPSET, MAX_OPSET = 7, 20
 # int8 is checked by cosine to fp32 rather than max |diff|: quantization error is the point. With 7-bit weights
 # on non-VNNI CPUs, random-weight LowFormers B0-B3 and E1 reach 0.997-0.9997 on real images (0.73-0.98 with
-# saturating 8-bit weights), so the default gate is the issue's accuracy target. Some random-weight featured
+# saturating 8-bit weights), so the default gate is the accuracy target. Some random-weight featured
 # models stay below it (timm's mobilenetv3_large_100 and fastvit_t8 at 0.68, visformer_tiny and ffnet_1 at 0.97):
 # pass a lower min_cosine to accept them.
 INT8_MIN_COSINE = 0.99
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if the exporter can write it, else one LowformerError naming the range."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise LowformerError(f"ONNX opset {opset!r} is not one the exporter writes: use {MIN_OPSET} to {MAX_OPSET} "
+                             f"(default {OPSET})")
+    return opset
 
 
 def _import_ort() -> Any:
@@ -49,24 +66,39 @@ def _import_ort() -> Any:
     return onnxruntime
 
 
-def ort_session(path: str | os.PathLike, threads: int = 1) -> Any:
-    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+def ort_session(model: str | os.PathLike | bytes, threads: int = 1, device: torch.device | str = "cpu") -> Any:
+    """The one ONNX Runtime session factory: all graph optimisations, ``threads`` intra-op threads, one
+    inter-op thread; the CUDA provider first for a CUDA ``device``. ``model`` is a file or the file's bytes
+    (the session holds the graph, so the file may be removed once it exists)."""
     ort = _import_ort()
+    device = torch.device(device)
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise LowformerError("onnxruntime has no CUDA provider here; install onnxruntime-gpu or use --device cpu")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
 
 
 class OrtModule(nn.Module):
-    """An ONNX Runtime session behind the ``module(tensor) -> tensor`` interface of the other backends."""
+    """An ONNX Runtime session behind the ``module(tensor) -> tensor`` interface of the other backends.
 
-    def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+    ``path`` is the file it was loaded from (None when built from bytes)."""
+
+    def __init__(self, model: str | os.PathLike | bytes, threads: int = 1) -> None:
         super().__init__()
-        self.path = str(path)
-        self.session = ort_session(path, threads)
+        self.path = None if isinstance(model, bytes) else str(model)
+        self.session = ort_session(model, threads)
         self.input_name = self.session.get_inputs()[0].name
+
+    @property
+    def threads(self) -> int:
+        """The intra-op threads the session was created with."""
+        return self.session.get_session_options().intra_op_num_threads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})[0]
@@ -104,11 +136,11 @@ def _held_output() -> Iterator[list[str]]:
 
 
 def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = OPSET) -> None:
-    """Export ``model`` to ``path`` with a dynamic batch axis (input ``input``, output ``output``), unchecked.
-    Weights a model resizes from the input shape (EdgeFormer) are first folded for ``example_input``'s size.
-
-    A model the exporter cannot express raises one LowformerError naming its reason, and leaves no file."""
-    path = Path(path)
+    """Export ``model`` to ``path`` (a fresh temporary file: callers publish it once checked) with a dynamic batch
+    axis (input ``input``, output ``output``), unchecked. A model the exporter cannot express raises one
+    LowformerError naming its reason. Weights a model resizes from the input shape
+    (EdgeFormer) are first folded for ``example_input``'s size."""
+    check_opset(opset)
     model = fold_input_size(model, example_input)
     try:
         with torch.inference_mode(False), torch.no_grad(), _held_output() as held:
@@ -117,7 +149,6 @@ def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pat
                               dynamo=False)
         sys.stderr.write("".join(held))
     except Exception as e:  # noqa: BLE001 - the exporter raises many types, each after dumping its whole graph
-        path.unlink(missing_ok=True)
         lines = str(e).strip().splitlines()
         reason = lines[0] if lines else type(e).__name__
         raise LowformerError(f"{type(model).__name__} cannot be exported to ONNX (opset {opset}): {reason[:300]}; "
@@ -128,42 +159,40 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
                 check_inputs: list[torch.Tensor] | None = None, reference: nn.Module | None = None,
                 rtol: float | None = DEFAULT_RTOL, min_cosine: float | None = None,
                 opset: int = OPSET) -> dict[str, float]:
-    """:func:`write_onnx`, then check ONNX Runtime against ``reference`` (default: ``model``) on ``check_inputs``
-    (default: ``example_input`` and a batch of two).
+    """The one ONNX export: :func:`write_onnx` to a temporary name beside ``path``, check ONNX Runtime against
+    ``reference`` (default: ``model``) on ``check_inputs`` (default: ``example_input`` and a batch of two), then
+    rename over ``path``.
 
-    Returns the check result; raises DeployMismatchError, removing the file, when outputs diverge."""
+    Returns the check result. On any failure (OutputMismatchError when outputs diverge, an exporter error)
+    ``path`` keeps what it held before and no temporary file is left."""
     _import_ort()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_onnx(model, example_input, path, opset)
+    check_opset(opset)
+    param = next(model.parameters(), None)
+    traced_input = example_input.to(param.device) if param is not None else example_input
     if check_inputs is None:
-        check_inputs = [example_input, torch.randn(2, *example_input.shape[1:])]
-    return check_onnx(path, reference or model, check_inputs, rtol=rtol, min_cosine=min_cosine)
+        check_inputs = [example_input.cpu(), torch.randn(2, *example_input.shape[1:])]
+    with atomic_output(path) as tmp, warnings_held():
+        write_onnx(model, traced_input, tmp, opset)
+        return check_onnx(tmp, reference or model, check_inputs, rtol=rtol, min_cosine=min_cosine,
+                          what=f"ONNX export of {type(model).__name__} (opset {opset})")
+
+
+@contextlib.contextmanager
+def warnings_held() -> Iterator[None]:
+    """The exporter's tracer warnings (shape-dependent Python branches that the check then covers) left out."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def check_onnx(path: str | os.PathLike, reference: nn.Module, inputs: list[torch.Tensor],
-               rtol: float | None = DEFAULT_RTOL, min_cosine: float | None = None) -> dict[str, float]:
-    """Compare an ONNX file run by ONNX Runtime with ``reference``; remove the file and raise on divergence."""
-    try:
-        return verify_outputs(reference, OrtModule(path), inputs, f"ONNX file {path}", rtol=rtol,
-                              min_cosine=min_cosine)
-    except DeployMismatchError:
-        Path(path).unlink(missing_ok=True)
-        raise
-
-
-def calibration_batches(calibration: Iterable[torch.Tensor] | torch.Tensor | None) -> list[torch.Tensor]:
-    """Calibration images as a list of N x C x H x W batches; refuses an empty or missing set."""
-    if calibration is None:
-        batches: list[torch.Tensor] = []
-    elif isinstance(calibration, torch.Tensor):
-        batches = [calibration] if calibration.numel() else []
-    else:
-        batches = [b if b.dim() == 4 else b.unsqueeze(0) for b in calibration if b.numel()]
-    if not batches:
-        raise LowformerError("int8 quantization needs calibration images: pass calibration= a tensor or batches "
-                             "of preprocessed images (a few hundred real images from the target data)")
-    return batches
+               rtol: float | None = DEFAULT_RTOL, min_cosine: float | None = None,
+               what: str | None = None) -> dict[str, float]:
+    """Compare an ONNX file run by ONNX Runtime with ``reference``; OutputMismatchError on divergence (the file
+    itself is left as it is)."""
+    return verify_outputs(reference, OrtModule(path), inputs, what or f"ONNX file {path}", rtol=rtol,
+                          min_cosine=min_cosine, hint="export the model without --deploy, or run it in PyTorch")
 
 
 class _Reader:
@@ -181,7 +210,8 @@ class _Reader:
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
                   calibration: Iterable[torch.Tensor] | torch.Tensor, reduce_range: bool | None = None) -> Path:
     """Static int8 quantization of an ONNX file: QDQ format, per-channel int8 weights, uint8 activations
-    (what the AVX2 / VNNI kernels of ONNX Runtime run), MinMax ranges from ``calibration``.
+    (what the AVX2 / VNNI kernels of ONNX Runtime run), MinMax ranges from ``calibration``; ``out_path`` is
+    replaced only when quantization succeeded.
 
     ``reduce_range`` quantizes weights to 7 bits; default: on CPUs without VNNI, whose kernels would otherwise
     saturate (module docstring)."""
@@ -191,14 +221,44 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     batches = calibration_batches(calibration)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="lowformer-int8-") as tmp, atomic_output(out_path) as out:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(out_path), _Reader("input", batches), quant_format=QuantFormat.QDQ,
+        quantize_static(str(prepared), str(out), _Reader("input", batches), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv", "Gemm"],
                         reduce_range=reduce_range)
     return Path(out_path)
+
+
+def quantize_checked(graph: nn.Module, reference: nn.Module, example_input: torch.Tensor,
+                     calibration: Iterable[torch.Tensor] | torch.Tensor | None, out_path: str | os.PathLike | None = None,
+                     verify: bool = True, min_cosine: float | None = INT8_MIN_COSINE, reduce_range: bool | None = None,
+                     opset: int = OPSET, threads: int = 1) -> OrtModule:
+    """The one int8 pipeline (``lowformer export --precision int8`` and ``deploy(precision="int8")``): export
+    ``graph`` (checked against ``reference``), quantize it with ``calibration``, check the int8 outputs by cosine
+    (>= ``min_cosine``) on the first ``CHECK_BATCHES`` calibration batches, and return an :class:`OrtModule`
+    (``report`` records the checks).
+
+    Intermediates live in a private temporary directory that is always removed; the int8 file is published to
+    ``out_path`` (when given) only after its check passed, replacing what was there."""
+    batches = calibration_batches(calibration)
+    report: dict[str, Any] = {"precision": "int8"}
+    with tempfile.TemporaryDirectory(prefix="lowformer-int8-") as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        report["fp32_check"] = export_onnx(graph, fp32, example_input, reference=reference, opset=opset)
+        quantize_int8(fp32, int8, batches, reduce_range=reduce_range)
+        data = int8.read_bytes()
+    module = OrtModule(data, threads)
+    if verify:
+        report["check"] = verify_outputs(reference, module, batches[:CHECK_BATCHES], "int8 ONNX model", rtol=None,
+                                         min_cosine=min_cosine)
+    if out_path is not None:
+        with atomic_output(out_path) as tmp_out:
+            tmp_out.write_bytes(data)
+        module.path = str(out_path)
+    module.report = report
+    return module
 
 
 def deploy_int8(model: nn.Module, example_input: torch.Tensor,
@@ -206,20 +266,8 @@ def deploy_int8(model: nn.Module, example_input: torch.Tensor,
                 passes: Iterable[str] | None = None, verify: bool = True, threads: int = 1,
                 out_path: str | os.PathLike | None = None, min_cosine: float | None = INT8_MIN_COSINE,
                 reduce_range: bool | None = None) -> OrtModule:
-    """The portable deploy graph, exported, checked, quantized to int8 with ``calibration`` (``reduce_range``: see
-    :func:`quantize_int8`) and checked by cosine (>= ``min_cosine``) on the calibration images; returns an
-    :class:`OrtModule` (its ``report`` records the checks)."""
-    batches = calibration_batches(calibration)
-    graph = portable_deploy(model, example_input, passes)
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "fp32.onnx"
-        report: dict[str, Any] = {"precision": "int8", "fp32_check": export_onnx(graph, fp32, example_input,
-                                                                                reference=model)}
-        out = Path(out_path) if out_path is not None else Path(tempfile.mkdtemp(prefix="lowformer-int8-")) / "model.onnx"
-        quantize_int8(fp32, out, batches, reduce_range=reduce_range)
-    module = OrtModule(out, threads)
-    if verify:
-        report["check"] = verify_outputs(model, module, batches[:4], f"int8 ONNX file {out}", rtol=None,
-                                         min_cosine=min_cosine)
-    module.report = report
-    return module
+    """The portable deploy graph through :func:`quantize_checked` (``reduce_range``: see :func:`quantize_int8`)."""
+    calibration = calibration_batches(calibration)
+    return quantize_checked(portable_deploy(model, example_input, passes), model, example_input, calibration,
+                            out_path=out_path, verify=verify, min_cosine=min_cosine, reduce_range=reduce_range,
+                            threads=threads)

@@ -1,0 +1,118 @@
+"""``lowformer export`` as one library call: a model by name to a verified file, every argument checked first.
+
+Formats are a table (``register_export_format``): ``onnx`` writes a checked ONNX file, fp32 or int8 (ONNX
+Runtime static quantization calibrated on a folder of real images). Whatever the format, the target is
+replaced only by a complete, verified file (:mod:`lowformer.files`), and intermediates live in a private
+temporary directory that is always removed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from lowformer.errors import LowformerError
+from lowformer.files import check_output_path
+
+__all__ = ["ExportRequest", "EXPORT_FORMATS", "register_export_format", "export_model"]
+
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass
+class ExportRequest:
+    """A checked export: the model in eval mode on ``device``, an example input, the target and the options."""
+    model: nn.Module
+    example_input: torch.Tensor
+    out: Path
+    precision: str
+    deploy: bool
+    calibration_files: list[Path]
+    min_cosine: float
+    opset: int
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """``suffixes``: the target file names accepted; ``write(request) -> report`` does the export."""
+    name: str
+    suffixes: tuple[str, ...]
+    write: Callable[[ExportRequest], dict[str, Any]]
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_export_format(fmt: ExportFormat) -> ExportFormat:
+    """Add an export format; a name already taken is refused."""
+    if fmt.name in EXPORT_FORMATS:
+        raise ValueError(f"export format '{fmt.name}' is already registered")
+    EXPORT_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def _write_onnx_format(request: ExportRequest) -> dict[str, Any]:
+    from lowformer.deploy.calibration import load_calibration
+    from lowformer.deploy.onnx import export_onnx, portable_deploy, quantize_checked
+    model, x = request.model, request.example_input
+    graph = portable_deploy(model, x) if request.deploy else model
+    if request.precision == "fp32":
+        return export_onnx(graph, request.out, x, reference=model, opset=request.opset)
+    calibration = load_calibration(request.calibration_files, model, x.shape[-1])
+    module = quantize_checked(graph, model, x, calibration, out_path=request.out, min_cosine=request.min_cosine,
+                              opset=request.opset)
+    return module.report["check"]
+
+
+register_export_format(ExportFormat("onnx", (".onnx",), _write_onnx_format))
+
+
+def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precision: str = "fp32",
+                 deploy: bool = False, checkpoint: str | os.PathLike | None = None, image_size: int | None = None,
+                 calibration: str | os.PathLike | None = None, calibration_count: int = 64,
+                 min_cosine: float | None = None, opset: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Export model ``name`` (weights from ``checkpoint``) to ``out``; returns the output check (max |diff|,
+    max |output|, cosine) and what was written.
+
+    Every argument (format, precision, target path and extension, opset, image size, device, calibration folder
+    and count, cosine gate) is checked before the model is built. ``deploy`` exports the deploy graph (norms
+    folded); ``precision="int8"`` calibrates on the first ``calibration_count`` images under ``calibration``.
+    ``device`` is where the model is built and traced (ONNX Runtime checks it on the CPU)."""
+    from lowformer.deploy import default_input
+    from lowformer.deploy.backends import parse_device
+    from lowformer.deploy.calibration import calibration_files
+    from lowformer.deploy.onnx import INT8_MIN_COSINE, OPSET, check_opset
+    from lowformer.models import create_model, resolve_model_name
+    if format not in EXPORT_FORMATS:
+        raise LowformerError(f"unknown export format '{format}': use one of {', '.join(EXPORT_FORMATS)}")
+    fmt = EXPORT_FORMATS[format]
+    if precision not in PRECISIONS:
+        raise LowformerError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
+    out = check_output_path(out, fmt.suffixes, "--out")
+    opset = check_opset(OPSET if opset is None else opset)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise LowformerError(f"--image-size {image_size!r} is out of range: give a side of at least 1 pixel "
+                             "(or leave it out for the model's)")
+    min_cosine = INT8_MIN_COSINE if min_cosine is None else min_cosine
+    if not -1.0 <= min_cosine <= 1.0:
+        raise LowformerError(f"--min-cosine {min_cosine} is out of range: a cosine lies in [-1, 1]")
+    torch_device = parse_device(device)
+    files = calibration_files(calibration, calibration_count) if precision == "int8" else []
+    if precision != "int8" and calibration is not None:
+        raise LowformerError("--calibration is used by --precision int8 only; add --precision int8 or leave it out")
+    resolve_model_name(name)
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise LowformerError(f"--checkpoint {checkpoint}: no such file")
+
+    model = create_model(name, checkpoint_path=checkpoint).eval().to(torch_device)
+    x = default_input(model)
+    if image_size is not None:
+        x = torch.randn(1, x.shape[1], image_size, image_size)
+    x = x.to(torch_device)
+    report = fmt.write(ExportRequest(model, x, out, precision, deploy, files, min_cosine, opset))
+    return {**report, "out": str(out), "format": format, "precision": precision, "deploy": deploy, "opset": opset,
+            "image_size": x.shape[-1]}
