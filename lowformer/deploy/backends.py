@@ -320,6 +320,20 @@ def _onnxruntime_int8(model: nn.Module, x: torch.Tensor, threads: int, options: 
     return Runner(run, info)
 
 
+def _openvino_backends() -> list[Backend]:
+    """OpenVINO (imported when prepared) on the plain export, the anchor to beat, and on the deploy export."""
+    from lowformer.deploy.openvino import openvino_backend
+    rows = []
+    for graph, prefix in ((False, "openvino"), (True, "openvino-deploy")):
+        for precision in ("fp32", "bf16", "int8"):
+            name = prefix if precision == "fp32" else f"{prefix}-{precision}"
+            what = {"fp32": "fp32", "bf16": "bf16 (inference-precision hint)", "int8": "NNCF int8"}[precision]
+            rows.append(Backend(name, openvino_backend(precision, graph), lossy=precision != "fp32",
+                                owns_threads=True, opset=OPSET,
+                                summary=f"OpenVINO {what} on the {'deploy' if graph else 'plain'} export"))
+    return rows
+
+
 for _backend in (
     Backend("eager", _eager, amp=True, summary="the PyTorch module as built"),
     Backend("channels_last", _channels_last, amp=True, summary="the module and input in channels-last memory format"),
@@ -335,5 +349,6 @@ for _backend in (
             summary="ONNX Runtime on the export of the deploy graph"),
     Backend("onnxruntime-int8", _onnxruntime_int8, lossy=True, owns_threads=True, opset=OPSET,
             summary="ONNX Runtime int8 static quantization of the deploy graph"),
+    *_openvino_backends(),
 ):
     register_backend(_backend)
