@@ -255,7 +255,7 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def _cached_export(graph: nn.Module, reference: nn.Module, x: torch.Tensor, options: BackendOptions,
+def cached_export(graph: nn.Module, reference: nn.Module, x: torch.Tensor, options: BackendOptions,
                    variant: str) -> Path:
     """The ONNX file of ``graph`` in the cache, exported (and checked against ``reference``) once per
     (model, weights, input size, opset, variant)."""
@@ -292,13 +292,13 @@ def _ort_runner(path: Path | bytes, x: torch.Tensor, threads: int, info: dict[st
 
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
-    path = _cached_export(model, model, x, options, "")
+    path = cached_export(model, model, x, options, "")
     return _ort_runner(path, x, threads, {"onnx_file": path.name, "opset": options.opset})
 
 
 def _onnxruntime_deploy(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
     from lowformer.deploy.onnx import portable_deploy
-    path = _cached_export(portable_deploy(model.cpu(), x[:1].cpu()), model, x, options, "_deploy")
+    path = cached_export(portable_deploy(model.cpu(), x[:1].cpu()), model, x, options, "_deploy")
     model.to(x.device)
     return _ort_runner(path, x, threads, {"onnx_file": path.name, "opset": options.opset})
 

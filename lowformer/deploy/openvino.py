@@ -78,10 +78,14 @@ class OvModule(nn.Module):
 
 
 def convert_openvino(model: nn.Module, example_input: torch.Tensor, deploy_graph: bool = False,
-                     workdir: str | os.PathLike | None = None) -> tuple[Any, dict[str, Any]]:
+                     workdir: str | os.PathLike | None = None,
+                     onnx_file: str | os.PathLike | None = None) -> tuple[Any, dict[str, Any]]:
     """``(ov.Model, export check)``: ``model`` (or its portable deploy graph) through the checked ONNX export,
-    converted by OpenVINO's ONNX frontend. The ONNX file lives in ``workdir`` (default: a temporary folder)."""
+    converted by OpenVINO's ONNX frontend. The ONNX file lives in ``workdir`` (default: a temporary folder);
+    ``onnx_file``: an export of the same graph already checked (a benchmark's cache) to convert instead."""
     ov = _import_ov()
+    if onnx_file is not None:
+        return ov.convert_model(str(onnx_file)), {}
     from lowformer.deploy.onnx import export_onnx, portable_deploy
     graph = portable_deploy(model, example_input[:1]) if deploy_graph else model
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -128,14 +132,15 @@ def quantize_openvino(ov_model: Any, calibration: list[torch.Tensor], reference:
 
 def _prepare(model: nn.Module, example_input: torch.Tensor, precision: str,
              calibration: Iterable[torch.Tensor] | torch.Tensor | None, deploy_graph: bool, accuracy_control: bool,
-             min_cosine: float | None) -> tuple[Any, list[torch.Tensor], dict[str, Any]]:
+             min_cosine: float | None, onnx_file: str | os.PathLike | None = None
+             ) -> tuple[Any, list[torch.Tensor], dict[str, Any]]:
     if precision not in OV_PRECISIONS:
         raise LowformerError(f"unknown OpenVINO precision '{precision}': choose one of {', '.join(OV_PRECISIONS)}")
     if model.training:
         raise LowformerError("deploy() needs a model in eval mode: call model.eval() first")
     from lowformer.deploy.onnx import calibration_batches
     batches = calibration_batches(calibration) if precision == "int8" else []
-    ov_model, export_check = convert_openvino(model, example_input, deploy_graph)
+    ov_model, export_check = convert_openvino(model, example_input, deploy_graph, onnx_file=onnx_file)
     report: dict[str, Any] = {"runtime": "openvino", "precision": precision, "graph": "deploy" if deploy_graph
                               else "plain", "export_check": export_check}
     if precision == "int8":
@@ -148,7 +153,8 @@ def _prepare(model: nn.Module, example_input: torch.Tensor, precision: str,
 def deploy_openvino(model: nn.Module, example_input: torch.Tensor, precision: str = "fp32",
                     calibration: Iterable[torch.Tensor] | torch.Tensor | None = None, threads: int = 1,
                     deploy_graph: bool = True, accuracy_control: bool = False, verify: bool = True,
-                    min_cosine: float | None = 0.99, check_images: torch.Tensor | None = None) -> OvModule:
+                    min_cosine: float | None = 0.99, check_images: torch.Tensor | None = None,
+                    onnx_file: str | os.PathLike | None = None) -> OvModule:
     """``model`` compiled by OpenVINO for the CPU at ``precision``; checked against ``model``.
 
     Args:
@@ -159,9 +165,10 @@ def deploy_openvino(model: nn.Module, example_input: torch.Tensor, precision: st
         min_cosine: bf16 / int8: the lowest per-sample cosine to ``model`` on the check images (default the
             calibration images, else ``example_input``); -1 accepts anything and records it.
         check_images: images to check lossy outputs on instead.
+        onnx_file: see :func:`convert_openvino`.
     """
     ov_model, batches, report = _prepare(model, example_input, precision, calibration, deploy_graph,
-                                         accuracy_control, min_cosine)
+                                         accuracy_control, min_cosine, onnx_file)
     # int8: the non-quantized layers stay fp32, so the figure is int8's and not int8 mixed with bf16
     compiled = compile_openvino(ov_model, threads, "bf16" if precision == "bf16" else "fp32")
     module = OvModule(compiled, report)
@@ -222,14 +229,17 @@ def openvino_backend(precision: str, deploy_graph: bool) -> Callable:
     """The ``prepare(model, x, threads, options)`` of a bench backend: OpenVINO at ``precision`` on the plain
     (``deploy_graph=False``) or the deploy export; int8 calibrated on ``options.calibration``, by default the timed
     input (speed does not depend on it). Lossy outputs are recorded, not refused."""
-    from lowformer.deploy.backends import Runner
+    from lowformer.deploy.backends import Runner, cached_export
 
     def prepare(model: nn.Module, x: torch.Tensor, threads: int, options: Any) -> Runner:
         if x.device.type != "cpu":
             raise LowformerError("the OpenVINO backends run on the CPU here: use --device cpu")
+        from lowformer.deploy.onnx import portable_deploy
         calibration = options.calibration if options.calibration is not None else x
+        graph = portable_deploy(model, x[:1]) if deploy_graph else model
+        path = cached_export(graph, model, x, options, "_deploy" if deploy_graph else "")
         module = deploy_openvino(model, x[:1], precision, calibration if precision == "int8" else None, threads,
-                                 deploy_graph=deploy_graph, min_cosine=-1.0)
+                                 deploy_graph=deploy_graph, min_cosine=-1.0, onnx_file=path)
         info = {"runtime": "openvino", "graph": module.report["graph"], "session_threads": threads,
                 "openvino_cosine": module.report["check"]["min_cosine"]}
 
