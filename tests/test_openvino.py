@@ -79,7 +79,8 @@ def test_int8_weight_range_follows_vnni():
 
 # --- EdgeFormer folding ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["edgeformer_xs", "edgeformer_s", pytest.param("edgeformer_h", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["edgeformer_xs", "edgeformer_s",
+                                  pytest.param("edgeformer_h", marks=pytest.mark.slow)])
 def test_edgeformer_exports_to_onnx_and_openvino(name, tmp_path):
     from lowformer.deploy.onnx import OrtModule, export_onnx
     from lowformer.deploy.openvino import deploy_openvino
