@@ -15,7 +15,7 @@ from lowformer.models import create_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export a model to a verified ONNX file",
+    p = subparsers.add_parser("export", help="export a model to a verified ONNX file or OpenVINO IR",
                               description="Export a model to ONNX (dynamic batch), check ONNX Runtime's outputs "
                                           "against PyTorch, optionally deploy-rewritten and int8-quantized.")
     p.add_argument("model", nargs="?", default=None, help="model name, e.g. lowformer_b1 (not with --run)")

@@ -5,7 +5,8 @@ The pipeline (style spec section 2): deep-copy; timm's ``reparameterize_model`` 
 pure GraphModule rewrite; channels-last memory format; pre-packed oneDNN weights; then a check against the eager
 model that raises on mismatch. A model fx cannot trace still gets the re-parameterisation and memory format.
 Low precision: ``bf16`` casts the deployed graph; ``int8`` is ONNX Runtime static quantization calibrated on
-real images (:mod:`lowformer.deploy.onnx`).
+real images (:mod:`lowformer.deploy.onnx`). ``runtime="openvino"`` runs the deploy export in OpenVINO
+(:mod:`lowformer.deploy.openvino`); ``precision="auto"`` picks the fastest accurate path (:mod:`lowformer.deploy.auto`).
 """
 from __future__ import annotations
 
@@ -18,17 +19,20 @@ import torch.nn as nn
 from timm.utils import reparameterize_model
 
 from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, count_norms, verify_outputs
+from lowformer.deploy.cpu import cpu_features
+from lowformer.deploy.fold import fold_input_size, needs_input_size_folding
 from lowformer.deploy.graph import trace
 from lowformer.deploy.modules import MkldnnConv2d, mkldnn_available
 from lowformer.deploy.passes import CPU_PASSES, PASSES, PORTABLE_PASSES, propagate_shapes
 from lowformer.errors import LowformerError
 
-__all__ = ["deploy", "reparameterize", "DeployedModel", "DeployMismatchError", "PRECISIONS", "default_input", "PASSES",
-           "PORTABLE_PASSES", "CPU_PASSES"]
+__all__ = ["deploy", "reparameterize", "DeployedModel", "DeployMismatchError", "PRECISIONS", "RUNTIMES",
+           "default_input", "PASSES", "PORTABLE_PASSES", "CPU_PASSES"]
 
 _logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "int8")
+RUNTIMES = ("pytorch", "openvino")
 # the lowest cosine to the eager fp32 outputs a low-precision deployment may reach by default (the issue's target)
 MIN_COSINE = {"bf16": 0.99, "int8": 0.99}
 
@@ -83,6 +87,9 @@ def deploy(
         passes: Iterable[str] | None = None,
         verify: bool = True,
         min_cosine: float | None = None,
+        runtime: str = "pytorch",
+        accuracy_control: bool = False,
+        threads: int | None = None,
 ) -> nn.Module:
     """An inference-only copy of ``model`` that computes the same function faster on the CPU.
 
@@ -100,14 +107,40 @@ def deploy(
             raise DeployMismatchError on mismatch.
         min_cosine: for bf16 / int8, the lowest per-sample cosine to the eager outputs accepted (default
             ``MIN_COSINE[precision]``, 0.99); -1 accepts any result, which ``report['check']`` still records.
+            For ``auto``, the gate every candidate must pass.
+        runtime: ``pytorch`` (the rewritten graph; int8 runs in ONNX Runtime) or ``openvino`` (OpenVINO on the
+            deploy export: fp32, bf16 inference precision, NNCF int8 calibrated on ``calibration``).
+            ``precision="auto"`` chooses the runtime itself.
+        accuracy_control: ``runtime="openvino"``, int8: NNCF's accuracy-aware quantization, keeping layers in
+            float until the cosine drop on the calibration images is at most ``1 - min_cosine``.
+        threads: threads of the ONNX Runtime / OpenVINO sessions and of ``auto``'s timing (default: PyTorch's).
+
+    ``precision="auto"`` (:mod:`lowformer.deploy.auto`) builds the paths this CPU can run (bf16 only with native
+    bf16, int8 only with ``calibration``), times them briefly on ``example_input`` and returns the fastest whose
+    cosine to the eager outputs on the calibration images (else ``example_input``) reaches ``min_cosine``;
+    ``module.report`` says which runtime and precision, every candidate's time and cosine, the CPU flags and why.
     """
     if model.training:
         raise LowformerError("deploy() needs a model in eval mode: call model.eval() first (BatchNorm folding "
                              "and dropout removal change what a model in training mode computes)")
-    if precision not in PRECISIONS:
-        raise LowformerError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    if precision not in PRECISIONS + ("auto",):
+        raise LowformerError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)} or auto")
+    if runtime not in RUNTIMES:
+        raise LowformerError(f"unknown runtime '{runtime}': choose one of {', '.join(RUNTIMES)}")
+    if accuracy_control and (runtime != "openvino" or precision != "int8"):
+        raise LowformerError("accuracy_control=True is NNCF's accuracy-aware int8: use it with runtime='openvino' "
+                             "and precision='int8'")
     if example_input is None:
         example_input = default_input(model)
+    if precision == "auto":
+        from lowformer.deploy.auto import deploy_auto
+        return deploy_auto(model, example_input, calibration, min_cosine=0.99 if min_cosine is None else min_cosine,
+                           threads=threads)
+    if runtime == "openvino":
+        from lowformer.deploy.openvino import deploy_openvino
+        return deploy_openvino(model, example_input, precision, calibration, threads or torch.get_num_threads(),
+                               deploy_graph=True, accuracy_control=accuracy_control, verify=verify,
+                               min_cosine=MIN_COSINE.get(precision) if min_cosine is None else min_cosine)
     names = list(PASSES) if passes is None else list(passes)
     unknown = [n for n in names if n not in PASSES]
     if unknown:
@@ -120,13 +153,16 @@ def deploy(
                            verify=verify, min_cosine=min_cosine)
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    native = dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    # oneDNN reports bf16 "supported" on any AVX-512 CPU, where it is emulated: native needs the CPU's bf16 flag too
+    native = dtype == torch.float32 or (cpu_features().bf16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if not native:
         _logger.warning("this CPU has no native bf16 instructions: bf16 runs emulated (slower than fp32) "
                         "and without the oneDNN passes")
     report: dict[str, Any] = {"precision": precision, "norms_before": count_norms(model)}
     applied = ["reparameterize"]
-    module = reparameterize(model).eval()
+    module = fold_input_size(reparameterize(model), example_input, fixed_size=False).eval()
+    if needs_input_size_folding(model):
+        applied.append("fold_input_size")
     try:
         gm = trace(module)
         report["traced"] = True

@@ -261,7 +261,7 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
-def _cached_export(graph: nn.Module, reference: nn.Module, x: torch.Tensor, options: BackendOptions,
+def cached_export(graph: nn.Module, reference: nn.Module, x: torch.Tensor, options: BackendOptions,
                    variant: str) -> Path:
     """The ONNX file of ``graph`` in the cache, exported (and checked against ``reference``) once per
     (model, weights, input size, opset, variant)."""
@@ -298,13 +298,13 @@ def _ort_runner(path: Path | bytes, x: torch.Tensor, threads: int, info: dict[st
 
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
-    path = _cached_export(model, model, x, options, "")
+    path = cached_export(model, model, x, options, "")
     return _ort_runner(path, x, threads, {"onnx_file": path.name, "opset": options.opset})
 
 
 def _onnxruntime_deploy(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
     from lowformer.deploy.onnx import portable_deploy
-    path = _cached_export(portable_deploy(model.cpu(), x[:1].cpu()), model, x, options, "_deploy")
+    path = cached_export(portable_deploy(model.cpu(), x[:1].cpu()), model, x, options, "_deploy")
     model.to(x.device)
     return _ort_runner(path, x, threads, {"onnx_file": path.name, "opset": options.opset})
 
@@ -326,6 +326,20 @@ def _onnxruntime_int8(model: nn.Module, x: torch.Tensor, threads: int, options: 
     return Runner(run, info)
 
 
+def _openvino_backends() -> list[Backend]:
+    """OpenVINO (imported when prepared) on the plain export, the anchor to beat, and on the deploy export."""
+    from lowformer.deploy.openvino import openvino_backend
+    rows = []
+    for graph, prefix in ((False, "openvino"), (True, "openvino-deploy")):
+        for precision in ("fp32", "bf16", "int8"):
+            name = prefix if precision == "fp32" else f"{prefix}-{precision}"
+            what = {"fp32": "fp32", "bf16": "bf16 (inference-precision hint)", "int8": "NNCF int8"}[precision]
+            rows.append(Backend(name, openvino_backend(precision, graph), lossy=precision != "fp32",
+                                owns_threads=True, opset=OPSET,
+                                summary=f"OpenVINO {what} on the {'deploy' if graph else 'plain'} export"))
+    return rows
+
+
 for _backend in (
     Backend("eager", _eager, amp=True, summary="the PyTorch module as built"),
     Backend("channels_last", _channels_last, amp=True, summary="the module and input in channels-last memory format"),
@@ -341,5 +355,6 @@ for _backend in (
             summary="ONNX Runtime on the export of the deploy graph"),
     Backend("onnxruntime-int8", _onnxruntime_int8, lossy=True, owns_threads=True, opset=OPSET,
             summary="ONNX Runtime int8 static quantization of the deploy graph"),
+    *_openvino_backends(),
 ):
     register_backend(_backend)

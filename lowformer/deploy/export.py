@@ -1,7 +1,8 @@
 """``lowformer export`` as one library call: a model by name to a verified file, every argument checked first.
 
 Formats are a table (``register_export_format``): ``onnx`` writes a checked ONNX file, fp32 or int8 (ONNX
-Runtime static quantization calibrated on a folder of real images). Whatever the format, the target is
+Runtime static quantization calibrated on a folder of real images); ``openvino`` writes a checked OpenVINO IR
+(``.xml`` + ``.bin``), fp32 or NNCF int8. Whatever the format, the target is
 replaced only by a complete, verified file (:mod:`lowformer.files`), and intermediates live in a private
 temporary directory that is always removed.
 """
@@ -66,7 +67,13 @@ def _write_onnx_format(request: ExportRequest) -> dict[str, Any]:
     return module.report["check"]
 
 
+def _write_openvino_format(request: ExportRequest) -> dict[str, Any]:
+    from lowformer.deploy.openvino import write_openvino_format
+    return write_openvino_format(request)
+
+
 register_export_format(ExportFormat("onnx", (".onnx",), _write_onnx_format))
+register_export_format(ExportFormat("openvino", (".xml",), _write_openvino_format))
 
 
 def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precision: str = "fp32",

@@ -6,9 +6,9 @@ failure (``OutputMismatchError``, an exporter error, a full disk) leaves whateve
 ONNX Runtime's static quantization (QDQ, per-channel weights, MinMax calibration on real images); its
 intermediates (the fp32 export, the pre-processed graph) live in a private temporary directory that is always
 removed. An empty calibration set is refused.
-On a CPU without VNNI, weights are quantized to 7 bits (``reduce_range``): ONNX Runtime's AVX2 u8 x s8 kernels
-add pairs of products in saturating 16-bit lanes (``vpmaddubsw``), which 255 x 127 x 2 overflows; with full
-8-bit weights a random-weight LowFormer-B0's int8 logits reach only 0.90 cosine to fp32 on real images, with
+On a CPU without VNNI (``lowformer.deploy.cpu``), weights are quantized to 7 bits (``reduce_range``): ONNX
+Runtime's AVX2 u8 x s8 kernels add pairs of products in saturating 16-bit lanes (``vpmaddubsw``), which
+255 x 127 x 2 overflows; with full 8-bit weights a random-weight LowFormer-B0's int8 logits reach only 0.90 cosine to fp32 on real images, with
 7-bit weights 0.999 (``benchmarks/deploy_cpu.py --accuracy``).
 onnx and onnxruntime are optional dependencies (the ``onnx`` extra), imported where used.
 """
@@ -27,6 +27,8 @@ import torch.nn as nn
 
 from lowformer.deploy.calibration import CHECK_BATCHES, calibration_batches
 from lowformer.deploy.check import DEFAULT_RTOL, verify_outputs
+from lowformer.deploy.cpu import cpu_has_vnni
+from lowformer.deploy.fold import fold_input_size
 from lowformer.errors import LowformerError
 from lowformer.files import atomic_output
 
@@ -136,8 +138,10 @@ def _held_output() -> Iterator[list[str]]:
 def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = OPSET) -> None:
     """Export ``model`` to ``path`` (a fresh temporary file: callers publish it once checked) with a dynamic batch
     axis (input ``input``, output ``output``), unchecked. A model the exporter cannot express raises one
-    LowformerError naming its reason."""
+    LowformerError naming its reason. Weights a model resizes from the input shape
+    (EdgeFormer) are first folded for ``example_input``'s size."""
     check_opset(opset)
+    model = fold_input_size(model, example_input)
     try:
         with torch.inference_mode(False), torch.no_grad(), _held_output() as held:
             torch.onnx.export(model, (example_input,), str(path), input_names=["input"], output_names=["output"],
@@ -201,16 +205,6 @@ class _Reader:
     def get_next(self) -> dict[str, Any] | None:
         batch = next(self._it, None)
         return None if batch is None else {self.input_name: batch.float().contiguous().numpy()}
-
-
-def cpu_has_vnni(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """Whether this x86 CPU has VNNI dot-product instructions (AVX512-VNNI or AVX-VNNI), which accumulate
-    u8 x s8 products in 32 bits without the 16-bit saturation of plain AVX2 (read from Linux's cpuinfo)."""
-    try:
-        flags = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
