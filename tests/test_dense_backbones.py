@@ -10,12 +10,16 @@ import lowformer
 from lowformer.models._dense import OutputStrideError
 from lowformer.models.visformer_v2 import add_pos_embed, window_partition, window_reverse
 
-# the smallest variant of every family
-FAMILIES = ["lowformer_b0", "edgeformer_xs", "visformer_tiny", "visformer_tiny_v2", "dwnet_tiny",
+# the smallest variant of every family; the heaviest run under the slow marker to keep CI short
+_HEAVY = {"dwnet_tiny", "dynamic_dwnet_tiny", "i_dynamic_dwnet_tiny", "inception_transformer_small"}
+NAMES = ["lowformer_b0", "edgeformer_xs", "visformer_tiny", "visformer_tiny_v2", "dwnet_tiny",
             "dynamic_dwnet_tiny", "i_dynamic_dwnet_tiny", "efficientmod_xxs", "mobilevig_ti", "ffnet_1",
             "inception_transformer_small", "edgevit_xxs", "fat_b0"]
+FAMILIES = [pytest.param(n, marks=pytest.mark.slow) if n in _HEAVY else n for n in NAMES]
 STRIDE2 = ["lowformer_b0", "edgeformer_xs", "visformer_tiny", "visformer_tiny_v2"]
-DILATABLE = ["lowformer_b0", "edgeformer_xs", "dwnet_tiny", "dynamic_dwnet_tiny", "i_dynamic_dwnet_tiny"]
+DILATABLE = ["lowformer_b0", "edgeformer_xs", "dwnet_tiny",
+             pytest.param("dynamic_dwnet_tiny", marks=pytest.mark.slow),
+             pytest.param("i_dynamic_dwnet_tiny", marks=pytest.mark.slow)]
 WINDOWED = {"visformer_tiny": dict(window_size=(14, 7)), "visformer_tiny_v2": dict(window_size=(14, 7))}
 
 
@@ -41,7 +45,7 @@ def test_any_detection_size_trains_and_evaluates(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [(512, 512), (480, 640), (800, 1216)])
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", NAMES)
 def test_detection_sizes_train_and_evaluate(name, size):
     _train_and_eval(name, size)
 

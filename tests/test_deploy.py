@@ -152,7 +152,7 @@ def test_deploy_refuses_training_mode_and_bad_arguments():
         lowformer.deploy(model.eval(), torch.randn(1, 3, 8, 8), precision="int8", calibration=torch.empty(0, 3, 8, 8))
 
 
-def test_reparameterize_calls_fuse_methods_not_submodules_named_fuse():
+def test_reparameterize_folds_fuse_methods():
     class Branches(nn.Module):  # a re-parameterisable block declaring fuse()
         def __init__(self):
             super().__init__()

@@ -135,7 +135,8 @@ def to_original_state_dict(state_dict: dict[str, Any], model: nn.Module) -> dict
     return out
 
 
-# timm's configs of each variant, built as this module's LowFormer. Registering under timm's names replaces
+# timm's configs of each published variant (timm's unofficial lowformer_b2 stays timm's), built as this module's
+# LowFormer. Registering under timm's names replaces
 # timm's entry points, so ``timm.create_model`` builds the same model as ``lowformer.create_model``.
 _VARIANT_ARGS = {
     "lowformer_b0": dict(width_list=[16, 32, 64, 128, 256], depth_list=[0, 1, 1, 3, 4]),
@@ -143,8 +144,6 @@ _VARIANT_ARGS = {
                          downsample_expand_ratios=(6, 6, 6, 6)),
     "lowformer_b15": dict(width_list=[20, 40, 80, 160, 320], depth_list=[0, 1, 1, 6, 6], head_widths=(2304, 2560),
                           downsample_expand_ratios=(6, 6, 6, 6)),
-    "lowformer_b2": dict(width_list=[24, 48, 96, 192, 384], depth_list=[0, 1, 1, 6, 6], head_widths=(2304, 2560),
-                         downsample_expand_ratios=(6, 6, 6, 6)),
     "lowformer_b3": dict(width_list=[32, 64, 128, 256, 512], depth_list=[1, 2, 3, 6, 6], stem_expand_ratio=4,
                          downsample_expand_ratios=(6, 6, 6, 6)),
     "lowformer_e1": dict(width_list=[20, 40, 80, 160, 320], depth_list=[0, 1, 1, 4, 4], head_widths=(2304, 2560),

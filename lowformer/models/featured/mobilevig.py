@@ -189,7 +189,6 @@ class MobileViG(StagedNet):
         self._init_pool(global_pool, drop_rate)
         self.conv_head = nn.Conv2d(global_dim, head_dim, 1)
         self.norm_head = BatchNormAct2d(head_dim, act_layer=act_layer)
-        self.flatten = nn.Flatten(1)
         self.head = self._make_head(head_dim, num_classes)
         self.apply(self._init_weights)
 
@@ -212,7 +211,9 @@ class MobileViG(StagedNet):
         super()._remove_head()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.flatten(self.norm_head(self.conv_head(self.global_pool(x))))
+        x = self.norm_head(self.conv_head(self.global_pool(x)))
+        if not self.global_pool.is_identity():  # no pooling ('') keeps the 4-D map
+            x = x.flatten(1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
