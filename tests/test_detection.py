@@ -171,7 +171,8 @@ def test_dataset_parsing(tmp_path):
     assert target["labels"].tolist() == [0, 1]
     raw = json.loads(ann.read_text())["annotations"][2]
     x, y, w, h = raw["bbox"]
-    torch.testing.assert_close(target["boxes"][0].as_subclass(torch.Tensor), torch.tensor([x, y, x + w, y + h], dtype=torch.float32))
+    torch.testing.assert_close(target["boxes"][0].as_subclass(torch.Tensor),
+                               torch.tensor([x, y, x + w, y + h], dtype=torch.float32))
     # The polygon's mask fills its box to within a pixel.
     torch.testing.assert_close(masks_to_boxes(target["masks"])[0], target["boxes"][0].as_subclass(torch.Tensor), atol=1.5, rtol=0)
 

@@ -35,8 +35,9 @@ def _small_net() -> nn.Module:
 def _images(n: int = 8, size: int = 32) -> torch.Tensor:
     """Preprocessed real images when the shared sample is here, else smooth random ones."""
     if IMAGES.is_dir():
-        from lowformer.data import load_image
         from torchvision.transforms import v2
+
+        from lowformer.data import load_image
         files = sorted(p for p in IMAGES.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))[:n]
         tf = v2.Compose([v2.ToImage(), v2.Resize(size), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
                          v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])

@@ -22,8 +22,9 @@ def build_model(name: str, deploy: bool = True, seed: int = 0) -> nn.Module:
     """The model ``name`` in eval mode for timing, with seeded random weights.
 
     ``deploy`` applies timm's ``reparameterize_model`` walk (through :func:`lowformer.deploy.reparameterize`),
-    folding the multi-branch blocks of the families that declare ``reparameterize()`` / ``fuse()`` (FastViT, MobileOne, RepViT, SHViT,
-    EfficientViT-M) and leaving the others unchanged, so every family is timed in the form it is deployed in."""
+    folding the multi-branch blocks of the families that declare ``reparameterize()`` / ``fuse()``
+    (FastViT, MobileOne, RepViT, SHViT, EfficientViT-M) and leaving the others unchanged, so every family is
+    timed in the form it is deployed in."""
     from lowformer.deploy import reparameterize
     from lowformer.segmentation import is_segmenter_spec, segmenter_from_spec
     torch.manual_seed(seed)

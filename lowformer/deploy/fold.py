@@ -16,7 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-
 __all__ = ["FixedCircularConv", "circular_conv", "fold_input_size", "needs_input_size_folding"]
 
 

@@ -8,8 +8,8 @@ intermediates (the fp32 export, the pre-processed graph) live in a private tempo
 removed. An empty calibration set is refused.
 On a CPU without VNNI (``lowformer.deploy.cpu``), weights are quantized to 7 bits (``reduce_range``): ONNX
 Runtime's AVX2 u8 x s8 kernels add pairs of products in saturating 16-bit lanes (``vpmaddubsw``), which
-255 x 127 x 2 overflows; with full 8-bit weights a random-weight LowFormer-B0's int8 logits reach only 0.90 cosine to fp32 on real images, with
-7-bit weights 0.999 (``benchmarks/deploy_cpu.py --accuracy``).
+255 x 127 x 2 overflows; with full 8-bit weights a random-weight LowFormer-B0's int8 logits reach only 0.90 cosine to fp32 on real
+images, with 7-bit weights 0.999 (``benchmarks/deploy_cpu.py --accuracy``).
 onnx and onnxruntime are optional dependencies (the ``onnx`` extra), imported where used.
 """
 from __future__ import annotations
