@@ -4,9 +4,9 @@
 ``create_model``, ``list_models``, ``load_checkpoint``, ``imagenet_eval``, ``deploy`` and the original entry
 points ``get_lowformer_*``. Training lives in ``lowformer.train``, benchmarking in ``lowformer.bench``.
 """
+from lowformer import deploy  # a callable package: lowformer.deploy(model) and lowformer.deploy.onnx
 from lowformer.bench import featured as _featured  # noqa: F401  (registers the original's --other names)
 from lowformer.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, weights_dir
-from lowformer.deploy import deploy
 from lowformer.errors import LowformerError
 from lowformer.evaluate import imagenet_eval
 from lowformer.models import (

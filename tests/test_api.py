@@ -62,3 +62,15 @@ def test_quickstart_runs_on_bundled_image(capsys):
     assert main(["quickstart", "--train-epochs", "0"]) == 0
     out = capsys.readouterr().out
     assert "lowformer_b0 on n01440764_tench.jpg" in out and "median" in out and "threads 1" in out
+
+
+def test_deploy_is_a_callable_package_whose_submodules_import():
+    code = ("import lowformer, torch\n"
+            "import lowformer.deploy.onnx as m\n"
+            "import lowformer.deploy.export as e\n"
+            "net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()\n"
+            "x = torch.randn(1, 3, 8, 8)\n"
+            "print(m.OPSET, callable(e.export_model), torch.allclose(lowformer.deploy(net, x)(x), net(x), atol=1e-5))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[1:] == ["True", "True"]

@@ -11,6 +11,8 @@ real images (:mod:`lowformer.deploy.onnx`). ``runtime="openvino"`` runs the depl
 from __future__ import annotations
 
 import logging
+import sys
+import types
 from typing import Any, Iterable
 
 import torch
@@ -209,3 +211,14 @@ def _verify(model: nn.Module, deployed: nn.Module, example_input: torch.Tensor, 
             min_cosine: float | None) -> dict[str, Any]:
     return verify_outputs(model, deployed, [example_input], f"deploy({type(model).__name__}, precision={precision})",
                           rtol=DEFAULT_RTOL if precision == "fp32" else None, min_cosine=min_cosine)
+
+
+class _CallablePackage(types.ModuleType):
+    """``lowformer.deploy(model)`` stays the public call while ``lowformer.deploy`` remains the package, so its
+    submodules import as ``import lowformer.deploy.onnx`` (a function of that name would shadow them)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return deploy(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
