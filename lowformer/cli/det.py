@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
-from lowformer.errors import LowformerError
+from lowformer.cli.train import add_train_arguments, run_recipe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,16 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Train with a YAML recipe (task: detection). Unknown '--a.b value' arguments "
                                    "override config keys, e.g. --data_provider.data_dir /data/coco.")
     t.add_argument("config", help="recipe, e.g. configs/det/composite_retinanet_b0.yaml")
-    t.add_argument("--path", required=True, help="run directory (checkpoints, metrics.csv, summary.json)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --path from its last committed epoch")
-    t.add_argument("--manual-seed", "--manual_seed", dest="manual_seed", type=int, default=0)
-    t.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    t.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    t.add_argument("--stop-after-epochs", dest="stop_after_epochs", type=int, default=None,
-                   help="stop resumably after this many epochs")
-    t.add_argument("--initial-checkpoint", dest="initial_checkpoint", default=None, metavar="FILE",
-                   help="start from a detector checkpoint (evalmodel.pt of another run)")
-    t.add_argument("--no-progress", dest="no_progress", action="store_true")
+    add_train_arguments(t)
     t.set_defaults(func=_train, accepts_overrides=True)
 
     e = sub.add_parser("eval", help="COCO mAP of a run on a split (JSON and a per-class table)")
@@ -49,16 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     import lowformer.detection.task  # noqa: F401  (registers the task and its config section)
-    from lowformer.train import load_config, train
-    cfg = load_config(args.config, args.overrides)
-    if cfg.task != "detection":
-        raise LowformerError(f"'{args.config}' is a {cfg.task} recipe: use `lowformer train` for it, or set "
-                             "'task: detection'")
-    summary = train(cfg, args.path, resume=args.resume, seed=args.manual_seed, amp=args.amp, device=args.device,
-                    stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress,
-                    initial_checkpoint=args.initial_checkpoint)
-    logging.getLogger(__name__).info("summary: %s", json.dumps(summary))
-    return 0
+    return run_recipe(args, task="detection")
 
 
 def _eval(args: argparse.Namespace) -> int:

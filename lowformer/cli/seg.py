@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
-_logger = logging.getLogger(__name__)
+from lowformer.cli.train import add_train_arguments, run_recipe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,15 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Train with a YAML recipe; unknown '--a.b value' arguments override config keys, "
                                    "e.g. --data_provider.data_dir ADE/ --segmentation.backbone_checkpoint cls.pt")
     t.add_argument("config", help="recipe file, e.g. configs/seg/composite/fpn_b0.yaml")
-    t.add_argument("--path", required=True, help="run directory (checkpoints, metrics.csv, summary.json)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --path from its last committed epoch")
-    t.add_argument("--initial-checkpoint", default=None, metavar="FILE",
-                   help="start from a segmenter's weights, or a backbone classification checkpoint (into the encoder)")
-    t.add_argument("--manual-seed", type=int, default=0, help="seed: initial weights, data order (default 0)")
-    t.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="mixed precision (default fp32)")
-    t.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    t.add_argument("--stop-after-epochs", type=int, default=None, help="stop resumably after this many epochs")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_train_arguments(t)
     t.set_defaults(func=_train, accepts_overrides=True)
 
     e = sub.add_parser("eval", help="score a run: mIoU, per-class IoU, pixel accuracy (JSON)")
@@ -51,18 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lowformer.errors import LowformerError
-    from lowformer.segmentation.task import SegmentationTask  # noqa: F401  (registers the task)
-    from lowformer.train import load_config, train
-    cfg = load_config(args.config, args.overrides)
-    if cfg.task != "segmentation":
-        raise LowformerError(f"config '{args.config}' is a '{cfg.task}' recipe; `lowformer seg train` needs "
-                             "task: segmentation (configs/seg/)")
-    summary = train(cfg, args.path, resume=args.resume, seed=args.manual_seed, amp=args.amp, device=args.device,
-                    stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress,
-                    initial_checkpoint=args.initial_checkpoint)
-    _logger.info("summary: %s", json.dumps(summary))
-    return 0
+    import lowformer.segmentation.task  # noqa: F401  (registers the task and its config section)
+    return run_recipe(args, task="segmentation")
 
 
 def _eval(args: argparse.Namespace) -> int:

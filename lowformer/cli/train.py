@@ -9,6 +9,7 @@ import json
 import logging
 import os
 
+from lowformer.errors import LowformerError
 from lowformer.train import AMP_MODES, load_config, train
 
 
@@ -26,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "--data_provider.data_dir /data/imagenet --run_config.n_epochs 5 "
                     "--data_provider.image_size \"[128,160,192,224]\".")
     p.add_argument("config", help="recipe file, e.g. configs/cls/imagenet/b1.yaml (the shipped ones work from anywhere)")
+    add_train_arguments(p)
+    p.set_defaults(func=run, accepts_overrides=True)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The trainer's flags, shared by ``train``, ``det train`` and ``seg train`` (one trainer, one vocabulary)."""
     p.add_argument("--path", required=True, help="run directory (checkpoints, metrics.csv, summary.json, TensorBoard)")
     p.add_argument("--resume", action="store_true", help="continue the run in --path from its last committed epoch")
     _flag(p, "--allow-config-change", action="store_true",
@@ -44,11 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
           help="micro-batches between TensorBoard scalars and, with --no-progress, log lines (default 50)")
     _flag(p, "--log-wandb", action="store_true", help="also log to Weights & Biases (needs the wandb package)")
     _flag(p, "--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run, accepts_overrides=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_recipe(args)
+
+
+def run_recipe(args: argparse.Namespace, task: str | None = None) -> int:
+    """Train ``args.config``; with ``task``, the recipe must be of that task (``det train`` / ``seg train``)."""
     cfg = load_config(args.config, args.overrides)
+    if task is not None and cfg.task != task:
+        raise LowformerError(f"'{args.config}' is a {cfg.task} recipe; `lowformer {args.command} train` needs "
+                             f"'task: {task}' (use `lowformer train` for classification recipes)")
     summary = train(cfg, args.path, resume=args.resume, seed=args.manual_seed, amp="fp16" if args.fp16 else args.amp,
                     device=args.device, stop_after_epochs=args.stop_after_epochs, progress=not args.no_progress,
                     allow_config_change=args.allow_config_change, initial_checkpoint=args.initial_checkpoint,
