@@ -458,3 +458,28 @@ def test_a_task_plugs_into_the_loop_with_its_own_config_section(tmp_path):
     assert summary["final_mse"] == pytest.approx(mse[-1], abs=1e-6) and summary["task"] == "toy"
     published = torch.load(tmp_path / "run/checkpoint/evalmodel.pt", weights_only=True)
     assert published["weight"].shape == (1, 5)
+
+
+def test_channels_last_trains_the_same_network_and_writes_loadable_checkpoints(tmp_path):
+    """NHWC is a layout, not a different network: the first epoch's loss agrees with NCHW's to rounding
+    (later weights drift apart by up to an Adam step, since Adam turns rounding-level gradient differences
+    into full steps), the weights are trained NHWC, and the checkpoint loads into a plain (NCHW) model."""
+    data = make_data(tmp_path / "data")
+    runs = {}
+    for name, flag in (("nchw", False), ("nhwc", True)):
+        cfg = load_config("configs/cls/imagenet/b1.yaml", tiny_overrides(
+            data, data_provider={"data_aug": None},
+            run_config={"mixup_config": None, "reset_bn": False, "channels_last": flag}))
+        assert cfg.run_config.channels_last is flag
+        train(cfg, tmp_path / name, progress=False)
+        rows = (tmp_path / name / "metrics.csv").read_text().splitlines()
+        runs[name] = float(dict(zip(rows[0].split(","), rows[1].split(",")))["train_loss"])
+    assert runs["nhwc"] == pytest.approx(runs["nchw"], rel=1e-4)
+    b = _weights(tmp_path / "nhwc/checkpoint/checkpoint.pt")
+    assert b["conv_stem.weight"].is_contiguous(memory_format=torch.channels_last)
+    import lowformer
+    model = lowformer.create_model("test_efficientnet", num_classes=2,
+                                   checkpoint_path=tmp_path / "nhwc/checkpoint/evalmodel_final.pt")
+    assert model.conv_stem.weight.is_contiguous()
+    ema = read_checkpoint(tmp_path / "nhwc/checkpoint/checkpoint.pt")["ema"][0.9998]
+    assert torch.equal(model.conv_stem.weight, ema["conv_stem.weight"])

@@ -107,6 +107,8 @@ class Trainer:
         # Same initial weights on every rank and for any world size; then per-rank randomness.
         torch.manual_seed(seed)
         self.model = self.task.build_model().to(self.device)
+        if cfg.run_config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.initial_checkpoint = initial_checkpoint
         random_seed(seed + ctx.rank)
         self.drop_path = DropPathSchedule(self.model, cfg.backbone_drop.drop_prob, cfg.backbone_drop.linear_decay,
