@@ -1,47 +1,59 @@
 #!/usr/bin/env bash
-# The CPU detection recipe on the composite set: LowFormer-B0 pre-trained as a CIFAR-10 classifier
-# (lowformer train, configs/cls/cifar10/b0.yaml, DATA_DIR/../cifar10), then RetinaNet on
-# DATA_DIR/images/train (configs/det/composite_retinanet_b0.yaml) with that backbone, then
-# `lowformer det eval` on DATA_DIR's val split. RUN_DIR is the detection run; the classifier run sits in
-# RUN_DIR/classifier. Re-running the script resumes whatever part is unfinished.
-#   usage: benchmarks/detection_composite.sh DATA_DIR RUN_DIR
-# Environment: PYTHON (default python3), CLS_EPOCHS (default 2; 0 trains the detector from scratch),
-# DET_EPOCHS (default: the recipe's). Prints wall and process CPU time of each part.
+# RetinaNet + LowFormer-B0 on the composite set, the whole CPU recipe, then its validation score.
+#
+#   benchmarks/detection_composite.sh DATA_DIR RUN_DIR
+#
+# 1. (PRETRAIN_EPOCHS > 0) a LowFormer-B0 classifier on DATA_DIR/../cifar10 with `lowformer train`
+#    (configs/cls/cifar10/b0.yaml) into RUN_DIR_cifar10;
+# 2. `lowformer det train configs/det/composite_retinanet_b0.yaml` on DATA_DIR/images/train +
+#    DATA_DIR/annotations/instances_train.json into RUN_DIR, its backbone initialised from that classifier
+#    (from scratch with PRETRAIN_EPOCHS=0);
+# 3. `lowformer det eval` of RUN_DIR on the val split -> RUN_DIR/val_scores.json.
+# RUN_DIR/benchmark.json records the wall and process CPU time (user + sys) of every stage, the machine and
+# versions. Every stage resumes: rerunning the script after an interruption continues where it stopped.
+# Environment: PYTHON (default python3), PRETRAIN_EPOCHS (14), DET_EPOCHS (the recipe's), THREADS (2).
 set -euo pipefail
 if [ $# -ne 2 ]; then
-    echo "usage: $0 DATA_DIR RUN_DIR" >&2
-    exit 2
+  echo "usage: $0 DATA_DIR RUN_DIR" >&2
+  exit 2
 fi
 DATA=$1
-RUN=$2
+RUN=${2%/}
 PY=${PYTHON:-python3}
-CLS_EPOCHS=${CLS_EPOCHS:-2}
-CIFAR="$DATA/../cifar10"
-for need in "$DATA/images/train" "$DATA/annotations/instances_train.json" "$DATA/annotations/instances_val.json"; do
-    [ -e "$need" ] || { echo "$0: error: '$need' not found (DATA_DIR must be the composite folder)" >&2; exit 2; }
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-14}
+export OMP_NUM_THREADS=${THREADS:-2}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$HERE
+CIFAR=$DATA/../cifar10
+for f in "$DATA/images/train" "$DATA/annotations/instances_train.json" "$DATA/images/val" \
+         "$DATA/annotations/instances_val.json"; do
+  [ -e "$f" ] || { echo "$0: '$f' not found (DATA_DIR must be the composite folder)" >&2; exit 2; }
 done
-mkdir -p "$RUN"
-TIMEFORMAT='%R s wall, %U s user + %S s system CPU'
-DET_ARGS=()
-if [ "$CLS_EPOCHS" -gt 0 ]; then
-    [ -d "$CIFAR/train" ] || { echo "$0: error: '$CIFAR/train' not found (CIFAR-10 folder beside DATA_DIR)" >&2; exit 2; }
-    CLS_RUN="$RUN/classifier"
-    if [ ! -f "$CLS_RUN/checkpoint/evalmodel_final.pt" ]; then
-        RESUME=(); [ -f "$CLS_RUN/checkpoint/latest.txt" ] && RESUME=(--resume)
-        echo "== classifier pre-training: LowFormer-B0 on $CIFAR, $CLS_EPOCHS epochs"
-        time "$PY" -m lowformer train configs/cls/cifar10/b0.yaml --path "$CLS_RUN" "${RESUME[@]}" --no-progress \
-            --data_provider.data_dir "$CIFAR" --run_config.n_epochs "$CLS_EPOCHS"
-    fi
-    DET_ARGS+=(--detection.backbone_checkpoint "$CLS_RUN/checkpoint/evalmodel_final.pt")
+if [ "$PRETRAIN_EPOCHS" -gt 0 ] && [ ! -d "$CIFAR/train" ]; then
+  echo "$0: '$CIFAR/train' not found; set PRETRAIN_EPOCHS=0 to train from scratch" >&2
+  exit 2
 fi
-if [ -n "${DET_EPOCHS:-}" ]; then
-    DET_ARGS+=(--run_config.n_epochs "$DET_EPOCHS")
+# shellcheck source=benchmarks/composite_stages.sh
+source "$HERE/benchmarks/composite_stages.sh"
+mkdir -p "$(dirname "$RUN")"
+
+init=()
+if [ "$PRETRAIN_EPOCHS" -gt 0 ]; then
+  PRE=${RUN}_cifar10
+  pretrain "$PRETRAIN_EPOCHS" "$CIFAR" "$PRE"
+  init=(--detection.backbone_checkpoint "$PRE/checkpoint/evalmodel.pt")
 fi
-if [ ! -f "$RUN/checkpoint/evalmodel_final.pt" ]; then
-    RESUME=(); [ -f "$RUN/checkpoint/latest.txt" ] && RESUME=(--resume)
-    echo "== RetinaNet + LowFormer-B0 on $DATA/images/train"
-    time "$PY" -m lowformer det train configs/det/composite_retinanet_b0.yaml --path "$RUN" "${RESUME[@]}" \
-        --no-progress --data_provider.data_dir "$DATA" "${DET_ARGS[@]}"
+epochs=()
+[ -n "${DET_EPOCHS:-}" ] && epochs=(--run_config.n_epochs "$DET_EPOCHS")
+stage_start
+if ! finished "$RUN"; then
+  # shellcheck disable=SC2046
+  "$PY" -m lowformer det train "$HERE/configs/det/composite_retinanet_b0.yaml" --data_provider.data_dir "$DATA" \
+    --path "$RUN" --no-progress "${init[@]}" "${epochs[@]}" $(resume_flag "$RUN")
 fi
-echo "== lowformer det eval on $DATA val"
-time "$PY" -m lowformer det eval --run "$RUN" --data "$DATA" --split val --out "$RUN/eval_val.json"
+stage_end train
+stage_start
+"$PY" -m lowformer det eval --run "$RUN" --data "$DATA" --split val --out "$RUN/val_scores.json"
+stage_end eval
+"$PY" "$HERE/benchmarks/record_run.py" "$RUN" "$RUN/val_scores.json" "${stages[@]}" \
+  --set "pretrain_epochs=$PRETRAIN_EPOCHS" --set "det_epochs=${DET_EPOCHS:-recipe}"

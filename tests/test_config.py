@@ -42,6 +42,7 @@ def test_override_values_parse_as_yaml_1_2():
     (["--run_config.bce", "1"], "'run_config.bce': expected true or false"),
     (["--run_config.n_epochs"], "override '--run_config.n_epochs' has no value"),
     (["n_epochs", "3"], "unexpected argument 'n_epochs'"),
+    (["--backbone_drop.name", "dropblock"], "'backbone_drop.name': 'dropblock' is not implemented (use droppath)"),
 ])
 def test_bad_keys_and_values_are_named(tokens, message):
     with pytest.raises(ConfigError) as e:

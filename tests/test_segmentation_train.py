@@ -82,6 +82,15 @@ def test_bad_input_is_one_line(tmp_path, capsys) -> None:
     assert main(["seg", "train", "configs/cls/cifar10/b0.yaml", "--path", str(tmp_path / "x")]) == 2
     assert "task: segmentation" in capsys.readouterr().err
     assert main(["seg", "eval", "--run", str(tmp_path / "none"), "--data", str(data)]) == 2
+    capsys.readouterr()
+    Image.fromarray(np.zeros((72, 88), np.uint8)).save(data / "annotations" / "train" / "train_0.png")
+    # data_provider.dataset names what the folder must be: a task that reads other data, or another layout
+    assert _train(data, tmp_path / "run", "--data_provider.dataset", "imagenet") == 2
+    assert "the segmentation task reads ade20k, voc, composite, not 'imagenet'" in capsys.readouterr().err
+    assert _train(data, tmp_path / "run", "--data_provider.dataset", "voc") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "voc comes in voc layout" in err[0] and "is in ade20k layout" in err[0]
+    assert not (tmp_path / "run" / "checkpoint").exists()
 
 
 @pytest.mark.parametrize("recipe", ["composite/fpn_b0", "ade20k/upernet_dwnet_tiny", "ade20k/fpn_lowformer_b0",

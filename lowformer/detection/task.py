@@ -82,6 +82,7 @@ def detector_from_config(cfg: TrainConfig, num_classes: int, with_backbone_weigh
 
 class DetectionTask(Task):
     name = "detection"
+    datasets = ("coco", "composite")  # both in COCO layout
     metric = "bbox_map"
     higher_is_better = True
     metric_names = ("bbox_map", "bbox_map_50", "bbox_map_75")

@@ -45,6 +45,7 @@ __all__ = ["SegmentationConfig", "SegmentationTask", "build_segmenter", "evaluat
 _logger = logging.getLogger(__name__)
 
 CLASS_WEIGHTS = ("none", "inverse_sqrt")
+_LAYOUTS = {"ade20k": "ade20k", "voc": "voc", "composite": "ade20k"}  # data_provider.dataset -> folder layout
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ def evaluate_segmenter(model: nn.Module, dataset: SegmentationFolder, sc: Segmen
 
 class SegmentationTask(Task):
     name = "segmentation"
+    datasets = tuple(_LAYOUTS)
     metric = "miou"
     higher_is_better = True
     metric_names = ("miou", "pixel_acc")
@@ -155,6 +157,10 @@ class SegmentationTask(Task):
             data_dir, sc.train_split, sc.num_classes,
             train_transform(sc.scale, sc.crop, sc.ratio_range, cfg.data_provider.hflip, sc.photometric),
             reduce_zero_label=sc.reduce_zero_label)
+        layout = _LAYOUTS.get(cfg.data_provider.dataset)
+        if layout is not None and self.train_set.layout != layout:
+            raise ConfigError(f"config key 'data_provider.dataset': {cfg.data_provider.dataset} comes in {layout} "
+                              f"layout, but '{data_dir}' is in {self.train_set.layout} layout: fix data_dir or dataset")
         self.val_set = None if cfg.run_config.no_eval else SegmentationFolder(
             data_dir, sc.val_split, sc.num_classes, eval_transform(sc.test_scale), reduce_zero_label=sc.reduce_zero_label)
         self.class_weight = None

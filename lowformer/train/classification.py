@@ -34,6 +34,7 @@ _logger = logging.getLogger(__name__)
 
 class ClassificationTask(Task):
     name = "classification"
+    datasets = ("imagenet", "cifar10")  # both in class-folder layout
     metric = "top1"
     higher_is_better = True
     metric_names = ("loss", "top1", "top5")

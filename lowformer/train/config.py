@@ -44,6 +44,11 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return {"range": (lo, hi, lo_open, hi_open), "nonempty": nonempty, "sort": sort}
 
 
+def _choices(*values: str) -> dict:
+    """Field metadata: the values a string may take (the ones the code implements)."""
+    return {"choices": values}
+
+
 _POS = _range(1)
 _NONNEG = _range(0)
 _PROB = _range(0, 1)
@@ -69,7 +74,8 @@ class AugConfig:
 
 @dataclass(frozen=True)
 class DataProviderConfig:
-    dataset: str = "imagenet"
+    # the data folder's kind, checked against what the task reads ("" = any of them); the layout is detected
+    dataset: str = ""
     data_dir: str = ""
     rrc_config: RRCConfig = field(default_factory=RRCConfig)
     data_aug: tuple[AugConfig, ...] = ()
@@ -121,7 +127,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class BackboneDropConfig:
-    name: str = "droppath"
+    name: str = field(default="droppath", metadata=_choices("droppath"))
     drop_prob: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
     linear_decay: bool = True
     skip: int = field(default=0, metadata=_NONNEG)
@@ -356,7 +362,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 
 def _check(f: dataclasses.Field, value: Any, path: str) -> Any:
-    """Apply the field's range metadata to a converted value (each item of a tuple)."""
+    """Apply the field's range or choices metadata to a converted value (each item of a tuple)."""
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        raise ConfigError(f"config key '{path}': {value!r} is not implemented (use {', '.join(f.metadata['choices'])})")
     if "range" not in f.metadata or value is None:
         return value
     lo, hi, lo_open, hi_open = f.metadata["range"]

@@ -82,6 +82,7 @@ class Task:
     metric: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
     metric_names: ClassVar[tuple[str, ...]] = ()
+    datasets: ClassVar[tuple[str, ...]] = ()  # the ``data_provider.dataset`` values it reads
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, seed: int) -> None:
         self.cfg, self.ctx, self.seed = cfg, ctx, seed
@@ -134,4 +135,9 @@ def create_task(cfg: TrainConfig, ctx: DistContext, seed: int, task: TaskFactory
     name = task or cfg.task
     if name not in _TASKS:
         raise ConfigError(f"config key 'task': unknown task '{name}' (known: {', '.join(sorted(_TASKS))})")
+    known = getattr(_TASKS[name], "datasets", ())
+    dataset = cfg.data_provider.dataset
+    if dataset and known and dataset not in known:
+        raise ConfigError(f"config key 'data_provider.dataset': the {name} task reads {', '.join(known)}, not "
+                          f"'{dataset}' (or leave it empty)")
     return _TASKS[name](cfg, ctx, seed)

@@ -1,0 +1,23 @@
+# Shared by the composite CPU benchmarks (sourced): resume tests and per-stage wall / CPU time.
+# stage_start; ...; stage_end NAME appends NAME=WALL,USER,SYS to the array `stages` for record_run.py.
+resume_flag() { [ -f "$1/checkpoint/latest.txt" ] && echo --resume || true; }
+finished() { [ -f "$1/summary.json" ] && grep -q '"finished": true' "$1/summary.json"; }
+# `times` must run in the benchmark's own shell; its second line is the children's cumulative user and sys time.
+children_cpu() { times | tail -1 | sed 's/[ms]/ /g' | awk '{printf "%.2f,%.2f", $1*60+$2, $3*60+$4}'; }
+stages=()
+stage_start() { t0=$(date +%s.%N); c0=$(children_cpu); }
+stage_end() {
+  local c1; c1=$(children_cpu)
+  stages+=("$1=$(awk -v a="$t0" -v b="$(date +%s.%N)" -v c="$c0" -v d="$c1" 'BEGIN {split(c, x, ","); split(d, y, ",");
+    printf "%.1f,%.2f,%.2f", b - a, y[1] - x[1], y[2] - x[2]}')")
+}
+# pretrain EPOCHS CIFAR_DIR RUN_DIR: the LowFormer-B0 CIFAR-10 classifier both benchmarks start from.
+pretrain() {
+  stage_start
+  if ! finished "$3"; then
+    # shellcheck disable=SC2046
+    "$PY" -m lowformer train "$HERE/configs/cls/cifar10/b0.yaml" --data_provider.data_dir "$2" --path "$3" \
+      --run_config.n_epochs "$1" --no-progress $(resume_flag "$3")
+  fi
+  stage_end pretrain
+}
