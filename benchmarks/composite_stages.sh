@@ -2,12 +2,18 @@
 # stage_start; ...; stage_end NAME appends NAME=WALL,USER,SYS to the array `stages` for record_run.py.
 resume_flag() { [ -f "$1/checkpoint/latest.txt" ] && echo --resume || true; }
 finished() { [ -f "$1/summary.json" ] && grep -q '"finished": true' "$1/summary.json"; }
-# `times` must run in the benchmark's own shell; its second line is the children's cumulative user and sys time.
-children_cpu() { times | tail -1 | sed 's/[ms]/ /g' | awk '{printf "%.2f,%.2f", $1*60+$2, $3*60+$4}'; }
+# `times` must run in the benchmark's own shell, not in a $(...) subshell, which has no children: it writes
+# to a file and the result goes to CPU; its second line is the children's cumulative user and sys time.
+children_cpu() {
+  local f; f=$(mktemp)
+  times > "$f"
+  CPU=$(tail -1 "$f" | sed 's/[ms]/ /g' | awk '{printf "%.2f,%.2f", $1*60+$2, $3*60+$4}')
+  rm -f "$f"
+}
 stages=()
-stage_start() { t0=$(date +%s.%N); c0=$(children_cpu); }
+stage_start() { t0=$(date +%s.%N); children_cpu; c0=$CPU; }
 stage_end() {
-  local c1; c1=$(children_cpu)
+  local c1; children_cpu; c1=$CPU
   stages+=("$1=$(awk -v a="$t0" -v b="$(date +%s.%N)" -v c="$c0" -v d="$c1" 'BEGIN {split(c, x, ","); split(d, y, ",");
     printf "%.1f,%.2f,%.2f", b - a, y[1] - x[1], y[2] - x[2]}')")
 }

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         stages[name] = {"wall_s": wall, "cpu_s": round(user + system, 1)}
     env = environment("cpu")
     out = {
-        **{k: scores[k] for k in scores if not isinstance(scores[k], (dict, list))},
+        # folder names only: a committed result must not carry this machine's paths
+        **{k: Path(v).name if k in ("run", "data") else v for k, v in scores.items() if not isinstance(v, (dict, list))},
         "per_class": next((scores[k] for k in ("per_class_iou", "bbox_per_class") if k in scores), None),
         "stages": stages,
         "wall_s": round(sum(s["wall_s"] for s in stages.values()), 1),
