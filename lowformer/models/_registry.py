@@ -9,12 +9,13 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import timm
 import torch.nn as nn
-from timm.models import model_entrypoint
+from timm.models import model_entrypoint, register_model
 
 from lowformer.checkpoints import CheckpointError, load_checkpoint, pretrained_weights, weights_dir
 from lowformer.errors import LowformerError
@@ -22,6 +23,7 @@ from lowformer.errors import LowformerError
 __all__ = [
     "DuplicateRegistrationError", "UnknownModelError", "create_model", "list_models", "resolve_model_name",
     "register_project_models", "register_aliases", "register_feature_cls", "register_pretrained_cfg_overlay",
+    "take_over_timm_models",
 ]
 
 _PROJECT_TIMM_MODELS: set[str] = set()
@@ -71,6 +73,29 @@ def register_pretrained_cfg_overlay(names: list[str], **values: Any) -> None:
     registry entries stay unchanged."""
     for name in names:
         _CFG_OVERLAYS.setdefault(name, {}).update(values)
+
+
+def take_over_timm_models(
+        module: str, variants: Iterable[str], create: Callable[..., nn.Module], doc: str) -> dict[str, Callable]:
+    """Register, under timm's own names, entry points building ``create(variant, pretrained, **kwargs)`` (a
+    subclass of timm's model) for a family kept as timm's; replacing timm's entries makes
+    ``timm.create_model`` build the same model as ``create_model``. Returns the entry points by name, for
+    ``module``'s namespace."""
+    entrypoints = {}
+    with warnings.catch_warnings():  # timm warns that the names it registered are taken over
+        warnings.simplefilter("ignore")
+        for variant in variants:
+            entrypoints[variant] = register_model(_entrypoint(module, variant, create, doc))
+    return entrypoints
+
+
+def _entrypoint(module: str, variant: str, create: Callable[..., nn.Module], doc: str) -> Callable[..., nn.Module]:
+    def fn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create(variant, pretrained=pretrained, **kwargs)
+    fn.__name__ = fn.__qualname__ = variant
+    fn.__module__ = module
+    fn.__doc__ = f"{variant}: {doc}"
+    return fn
 
 
 def _is_project_model(name: str) -> bool:

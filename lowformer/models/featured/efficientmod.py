@@ -21,13 +21,14 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, DropPath, LayerNorm2d, LayerScale, calculate_drop_path_rates, trunc_normal_
+from timm.layers import Attention, DropPath, LayerNorm2d, LayerScale, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
+from lowformer.models._api import StagedModel, init_linear
 from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import StagedNet, featured_cfg
+from lowformer.models.featured._base import featured_cfg
 
 __all__ = ["EfficientMod"]
 
@@ -124,7 +125,7 @@ class EfficientModStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class EfficientMod(StagedNet):
+class EfficientMod(StagedModel):
     """EfficientMod: four stages of modulation blocks, later ones followed by attention blocks.
 
     Args:
@@ -163,7 +164,7 @@ class EfficientMod(StagedNet):
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = nn.LayerNorm,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__()
         self.stem = ConvNorm(in_chans, embed_dims[0], 7, 4)
         # per block, rising over the whole network; returned split by stage
         dpr = calculate_drop_path_rates(drop_path_rate, [d + a for d, a in zip(depths, attn_depths)],
@@ -177,17 +178,9 @@ class EfficientMod(StagedNet):
             in_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = LayerNorm2d(self.num_features, eps=1e-5)
-        self._init_pool(global_pool, drop_rate)
-        self.head = self._make_head(self.num_features, num_classes)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.norm = LayerNorm2d(embed_dims[-1], eps=1e-5)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate)
+        self.apply(init_linear)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

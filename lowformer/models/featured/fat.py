@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, calculate_drop_path_rates, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._api import StagedModel, init_linear
 from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import featured_cfg
-from lowformer.models.featured._pyramid import PyramidClassifier, Stage
+from lowformer.models.featured._base import Stage, featured_cfg
 
 __all__ = ['FAT']
 
@@ -161,7 +161,7 @@ class FATBlock(nn.Module):
         return self.downsample(x) + self.drop_path(self.ffn(self.norm2(x)))
 
 
-class FAT(PyramidClassifier):
+class FAT(StagedModel):
     """FAT: conv stem, four stages of FAT blocks (the last block of stages 1-3 halves the resolution and
     widens to the next stage), GroupNorm(1) head."""
 
@@ -204,6 +204,7 @@ class FAT(PyramidClassifier):
 
         self.stem = Stem(in_chans, embed_dims[0], **dd)
         self.feature_info = [dict(num_chs=embed_dims[0], reduction=4, module='stem')]
+        self.first_tap = 0  # the stem is the only map at stride 4
         dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
         num_stages = len(depths)
         stages = []
@@ -224,9 +225,9 @@ class FAT(PyramidClassifier):
             self.feature_info.append(dict(num_chs=out_dim, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.init_head(
-            embed_dims[-1], nn.GroupNorm(1, embed_dims[-1], **dd), num_classes, global_pool, drop_rate, **dd)
-        self.apply(self.init_linear)
+        self.norm = nn.GroupNorm(1, embed_dims[-1], **dd)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate, **dd)
+        self.apply(init_linear)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -27,9 +27,10 @@ from timm.layers import DropPath, LayerScale2d, calculate_drop_path_rates, trunc
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from lowformer.models._api import StagedModel
 from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import StagedNet, featured_cfg, rename_prefix
+from lowformer.models.featured._base import Stage, featured_cfg, rename_prefix
 
 __all__ = ["FFNet"]
 
@@ -193,17 +194,7 @@ class PatchMerge(nn.Module):
         return self.pw(self.dw(x))
 
 
-class FFNetStage(nn.Module):
-    def __init__(self, in_chs: int, dim: int, blocks: list[nn.Module], downsample: bool) -> None:
-        super().__init__()
-        self.downsample = PatchMerge(in_chs, dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
-
-
-class FFNet(StagedNet):
+class FFNet(StagedModel):
     """FFNet: Conv-BN stem (stride 4), four stages of FFNified-attention blocks, BatchNorm, pool, linear.
 
     Args:
@@ -238,7 +229,7 @@ class FFNet(StagedNet):
             drop_path_rate: float = 0.0,
             act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__()
         self.stem = nn.Sequential(ConvBn(in_chans, stem_dim, 3, 2), act_layer(), ConvBn(stem_dim, embed_dims[0], 3, 2))
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
@@ -246,14 +237,12 @@ class FFNet(StagedNet):
         for i, dim in enumerate(embed_dims):
             blocks = [FFBlock(dim, kernel_sizes[i], kernel_sizes1[i], kernel_sizes2[i], expansions[i],
                               layer_scale_init_value, dpr[i][j], act_layer) for j in range(depths[i])]
-            stages.append(FFNetStage(in_chs, dim, blocks, downsample=i > 0))
+            stages.append(Stage(blocks, PatchMerge(in_chs, dim) if i > 0 else None))
             in_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = nn.BatchNorm2d(self.num_features)
-        self._init_pool(global_pool, drop_rate)
-        self.head = self._make_head(self.num_features, num_classes)
+        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:

@@ -40,10 +40,10 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._api import StagedModel
 from lowformer.models._dense import check_output_stride
 from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import featured_cfg
-from lowformer.models.featured._pyramid import PyramidClassifier, Stage, map_self_attention
+from lowformer.models.featured._base import Stage, featured_cfg, map_self_attention
 
 __all__ = ['InceptionTransformer']
 
@@ -232,10 +232,10 @@ class InceptionTransformerStage(Stage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x).permute(0, 2, 3, 1)
         x = x + resize_pos_table(self.pos_embed, (x.shape[1], x.shape[2]))
-        return self.run_blocks(x).permute(0, 3, 1, 2)
+        return self.blocks(x).permute(0, 3, 1, 2)
 
 
-class InceptionTransformer(PyramidClassifier):
+class InceptionTransformer(StagedModel):
     """Inception Transformer: conv stem, four stages of inception-mixer blocks with absolute position
     tables; the head normalises every position (LayerNorm over channels) before it averages them."""
 
@@ -293,7 +293,6 @@ class InceptionTransformer(PyramidClassifier):
 
         self.stem = Stem(in_chans, embed_dims[0], **dd)
         dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
-        self.feature_info = []
         stages = []
         for i, depth in enumerate(depths):
             reduction = 4 * 2 ** i
@@ -312,8 +311,8 @@ class InceptionTransformer(PyramidClassifier):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.init_head(
-            embed_dims[-1], LayerNorm2d(embed_dims[-1], eps=1e-6, **dd), num_classes, global_pool, drop_rate, **dd)
+        self.norm = LayerNorm2d(embed_dims[-1], eps=1e-6, **dd)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
