@@ -48,6 +48,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from lowformer.models._api import ClassifierHeadModel, init_linear
 from lowformer.models._dense import check_output_stride, pad_to_multiple
+from lowformer.models._registry import record
 
 __all__ = ["DWNet", "DWNET_MODELS"]
 
@@ -437,6 +438,7 @@ def _create_dwnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DWNe
     )
 
 
+@record()
 @register_model
 def dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """DWNet-T: static 7x7 depth-wise convolution, Swin-T layout (24.2M params)."""
@@ -444,6 +446,7 @@ def dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("dwnet_tiny", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """DWNet-B: static 7x7 depth-wise convolution, Swin-B layout (74.3M params)."""
@@ -451,6 +454,7 @@ def dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("dwnet_base", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def dynamic_dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """Dynamic DWNet-T: per-image generated 7x7 depth-wise kernels (51.1M params)."""
@@ -458,6 +462,7 @@ def dynamic_dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("dynamic_dwnet_tiny", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def dynamic_dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """Dynamic DWNet-B: per-image generated 7x7 depth-wise kernels (161.6M params)."""
@@ -465,6 +470,7 @@ def dynamic_dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("dynamic_dwnet_base", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def i_dynamic_dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """Inhomogeneous dynamic DWNet-T: per-pixel 7x7 kernels, 32 channel groups per stage (26.2M params)."""
@@ -472,6 +478,7 @@ def i_dynamic_dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("i_dynamic_dwnet_tiny", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def i_dynamic_dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """Inhomogeneous dynamic DWNet-B: per-pixel 7x7 kernels, 32 channel groups per stage (80.3M params)."""

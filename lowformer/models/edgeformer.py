@@ -41,6 +41,7 @@ from timm.models._efficientnet_blocks import InvertedResidual
 from lowformer.data.images import BGR_INPUT_NOTE
 from lowformer.models._api import ClassifierHeadModel
 from lowformer.models._dense import check_output_stride, default_out_indices, dilate_stages, select_taps
+from lowformer.models._registry import record
 
 __all__ = ["EdgeFormer"]
 
@@ -429,6 +430,7 @@ def _create_edgeformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     )
 
 
+@record()
 @register_model
 def edgeformer_xs(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     """EdgeFormer-XS (2.2M params): narrow GCC part, add fusion."""
@@ -439,6 +441,7 @@ def edgeformer_xs(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     return _create_edgeformer("edgeformer_xs", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def edgeformer_s(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     """EdgeFormer-S (5.0M params, 78.6% ImageNet top-1 in the paper)."""
@@ -449,6 +452,7 @@ def edgeformer_s(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     return _create_edgeformer("edgeformer_s", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def edgeformer_h(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     """EdgeFormer-H (20.4M params): 5x5 stem, wider and deeper."""

@@ -21,10 +21,9 @@ import timm.models.lowformer as timm_lowformer
 import torch.nn as nn
 from timm.models import build_model_with_cfg
 
-from lowformer.checkpoints import register_original_layout
 from lowformer.models._api import FeatureTaps
 from lowformer.models._dense import check_output_stride, default_out_indices, dilate_stages, select_taps
-from lowformer.models._registry import create_model, register_project_models, take_over_timm_models
+from lowformer.models._registry import ModelRecord, create_model, register_record, take_over_timm_models
 
 __all__ = [
     "LowFormer", "LOWFORMER_MODELS", "to_original_state_dict",
@@ -121,9 +120,10 @@ def _create_lowformer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 globals().update(take_over_timm_models(
-    __name__, _VARIANT_ARGS, _create_lowformer, "timm's configuration, with ``output_stride`` and ``stride2_feature``."))
-register_project_models(LOWFORMER_MODELS)
-register_original_layout(LOWFORMER_MODELS + ["lowformer_b2"], to_original_state_dict)
+    __name__, _VARIANT_ARGS, _create_lowformer, "timm's configuration, with ``output_stride`` and ``stride2_feature``.",
+    original_layout=to_original_state_dict))
+# timm's unofficial B2 is not listed, but its weights export to the original layout like the others'
+register_record(ModelRecord("lowformer_b2", listed=False, original_layout=to_original_state_dict))
 
 
 def _get(name: str, pretrained: bool | str | os.PathLike = False, **kwargs: Any) -> nn.Module:

@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, checkpoint_seq
 
-from lowformer.checkpoints import register_checkpoint_filter
 from lowformer.models._dense import check_output_stride, default_out_indices, select_taps
-from lowformer.models._registry import register_pretrained_cfg_overlay, register_project_models, take_over_timm_models
+from lowformer.models._registry import take_over_timm_models
 from lowformer.models.visformer_v2 import NumberedStages, add_pos_embed, checkpoint_filter_fn, from_windows, to_windows
 
 __all__ = ["VISFORMER_MODELS", "Visformer", "WindowedAttention"]
@@ -162,7 +161,5 @@ def _create_visformer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 globals().update(take_over_timm_models(
     __name__, _VARIANT_ARGS, _create_visformer,
-    "timm's configuration, at any input size, with ``window_size`` and ``stride2_feature``."))
-register_project_models(VISFORMER_MODELS)
-register_checkpoint_filter(VISFORMER_V1, checkpoint_filter_fn)
-register_pretrained_cfg_overlay(VISFORMER_V1, crop_pct=0.875)
+    "timm's configuration, at any input size, with ``window_size`` and ``stride2_feature``.",
+    checkpoint_filter=checkpoint_filter_fn, cfg_overlay={"crop_pct": 0.875}))

@@ -51,6 +51,7 @@ from timm.models.visformer import SpatialMlp
 
 from lowformer.models._api import FeatureTaps, StagedModel
 from lowformer.models._dense import check_output_stride, default_out_indices, pad_to_multiple, select_taps
+from lowformer.models._registry import record
 
 __all__ = ["NumberedStages", "VisformerV2"]
 
@@ -456,6 +457,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+@record()
 @register_model
 def visformer_tiny_v2(pretrained: bool = False, **kwargs: Any) -> VisformerV2:
     """Visformer-Ti V2 (the original's ``swin_visformer_tiny_v2``), 9.4M params."""
@@ -463,6 +465,7 @@ def visformer_tiny_v2(pretrained: bool = False, **kwargs: Any) -> VisformerV2:
     return _create_visformer_v2('visformer_tiny_v2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def visformer_small_v2(pretrained: bool = False, **kwargs: Any) -> VisformerV2:
     """Visformer-S V2 (the original's ``swin_visformer_small_v2``), 23.6M params."""

@@ -28,7 +28,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from lowformer.models._api import StagedModel, init_linear
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
+from lowformer.models._registry import record
 from lowformer.models.featured._base import Stage, featured_cfg, map_self_attention
 
 __all__ = ['EdgeVit']
@@ -308,6 +308,7 @@ def _create_edgevit(variant: str, pretrained: bool = False, **kwargs: Any) -> Ed
     )
 
 
+@record(aliases=('edgevitxxs',))
 @register_model
 def edgevit_xxs(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     """EdgeViT-XXS, 4.07 M params."""
@@ -315,6 +316,7 @@ def edgevit_xxs(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     return _create_edgevit('edgevit_xxs', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('edgevitxs',))
 @register_model
 def edgevit_xs(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     """EdgeViT-XS, 6.77 M params."""
@@ -322,11 +324,9 @@ def edgevit_xs(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     return _create_edgevit('edgevit_xs', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('edgevits',))
 @register_model
 def edgevit_s(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     """EdgeViT-S."""
     model_args = dict(depths=(1, 2, 5, 3), embed_dims=(48, 96, 240, 384), head_dim=48)
     return _create_edgevit('edgevit_s', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-register_aliases({'edgevitxxs': 'edgevit_xxs', 'edgevitxs': 'edgevit_xs', 'edgevits': 'edgevit_s'})

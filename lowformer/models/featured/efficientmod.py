@@ -27,7 +27,7 @@ from timm.models.vision_transformer import Block
 
 from lowformer.models._api import StagedModel, init_linear
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
+from lowformer.models._registry import record
 from lowformer.models.featured._base import featured_cfg
 
 __all__ = ["EfficientMod"]
@@ -240,6 +240,8 @@ def _create_efficientmod(variant: str, pretrained: bool = False, **kwargs: Any) 
     )
 
 
+# aliases: the names the original benchmark (`eval_cls_model.py --other`) accepts
+@record(aliases=("efficientmodxxs",))
 @register_model
 def efficientmod_xxs(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     """EfficientMod-XXS (4.7M)."""
@@ -248,6 +250,7 @@ def efficientmod_xxs(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     return _create_efficientmod("efficientmod_xxs", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("efficientmodxs",))
 @register_model
 def efficientmod_xs(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     """EfficientMod-XS (6.6M)."""
@@ -256,6 +259,7 @@ def efficientmod_xs(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     return _create_efficientmod("efficientmod_xs", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("efficientmods",))
 @register_model
 def efficientmod_s(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     """EfficientMod-S (12.9M); its last stage's attention MLPs have ratio 5."""
@@ -264,14 +268,10 @@ def efficientmod_s(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     return _create_efficientmod("efficientmod_s", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("efficientmods_Conv",))
 @register_model
 def efficientmod_s_conv(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     """EfficientMod-S-Conv: modulation blocks only, no attention."""
     model_args = dict(embed_dims=(40, 80, 160, 344), depths=(4, 4, 12, 8), attn_depths=(0, 0, 0, 0),
                       expansions=((1, 6),) * 4)
     return _create_efficientmod("efficientmod_s_conv", pretrained, **dict(model_args, **kwargs))
-
-
-# The names the original benchmark (`eval_cls_model.py --other`) accepts.
-register_aliases({"efficientmodxxs": "efficientmod_xxs", "efficientmodxs": "efficientmod_xs",
-                  "efficientmods": "efficientmod_s", "efficientmods_Conv": "efficientmod_s_conv"})

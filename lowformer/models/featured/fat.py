@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from lowformer.models._api import StagedModel, init_linear
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
+from lowformer.models._registry import record
 from lowformer.models.featured._base import Stage, featured_cfg
 
 __all__ = ['FAT']
@@ -266,6 +266,8 @@ def _create_fat(variant: str, pretrained: bool = False, **kwargs: Any) -> FAT:
     )
 
 
+# aliases: `FATb*` is what the original dispatcher accepts; `fatb0` is the spelling in its featured list
+@record(aliases=('FATb0', 'fatb0'))
 @register_model
 def fat_b0(pretrained: bool = False, **kwargs: Any) -> FAT:
     """FAT-B0, 4.49 M params."""
@@ -273,6 +275,7 @@ def fat_b0(pretrained: bool = False, **kwargs: Any) -> FAT:
     return _create_fat('fat_b0', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('FATb1', 'fatb1'))
 @register_model
 def fat_b1(pretrained: bool = False, **kwargs: Any) -> FAT:
     """FAT-B1, 7.82 M params."""
@@ -280,6 +283,7 @@ def fat_b1(pretrained: bool = False, **kwargs: Any) -> FAT:
     return _create_fat('fat_b1', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('FATb2', 'fatb2'))
 @register_model
 def fat_b2(pretrained: bool = False, **kwargs: Any) -> FAT:
     """FAT-B2."""
@@ -287,12 +291,9 @@ def fat_b2(pretrained: bool = False, **kwargs: Any) -> FAT:
     return _create_fat('fat_b2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('FATb3', 'fatb3'))
 @register_model
 def fat_b3(pretrained: bool = False, **kwargs: Any) -> FAT:
     """FAT-B3."""
     model_args = dict(embed_dims=(64, 128, 256, 512), depths=(4, 4, 16, 4), num_heads=(2, 4, 8, 16))
     return _create_fat('fat_b3', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-# `FATb*` is what the original dispatcher accepts; `fatb0` is the spelling in its featured list
-register_aliases({f'{prefix}b{i}': f'fat_b{i}' for prefix in ('FAT', 'fat') for i in range(4)})

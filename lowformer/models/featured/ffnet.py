@@ -29,7 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from lowformer.models._api import StagedModel
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
+from lowformer.models._registry import record
 from lowformer.models.featured._base import Stage, featured_cfg, rename_prefix
 
 __all__ = ["FFNet"]
@@ -317,6 +317,8 @@ def _create_ffnet(variant: str, pretrained: bool = False, **kwargs: Any) -> FFNe
     )
 
 
+# aliases: the names the original benchmark (`eval_cls_model.py --other`) accepts; FFNet-3/4 crash there
+@record(aliases=("ffnet1",))
 @register_model
 def ffnet_1(pretrained: bool = False, **kwargs: Any) -> FFNet:
     """FFNet-1 (13.8M): 3x3 channel-mixer depthwise convs."""
@@ -324,6 +326,7 @@ def ffnet_1(pretrained: bool = False, **kwargs: Any) -> FFNet:
     return _create_ffnet("ffnet_1", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("ffnet2",))
 @register_model
 def ffnet_2(pretrained: bool = False, **kwargs: Any) -> FFNet:
     """FFNet-2 (27.2M)."""
@@ -331,6 +334,7 @@ def ffnet_2(pretrained: bool = False, **kwargs: Any) -> FFNet:
     return _create_ffnet("ffnet_2", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("ffnet3",))
 @register_model
 def ffnet_3(pretrained: bool = False, **kwargs: Any) -> FFNet:
     """FFNet-3, with layer scale."""
@@ -339,13 +343,10 @@ def ffnet_3(pretrained: bool = False, **kwargs: Any) -> FFNet:
     return _create_ffnet("ffnet_3", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("ffnet4",))
 @register_model
 def ffnet_4(pretrained: bool = False, **kwargs: Any) -> FFNet:
     """FFNet-4, with layer scale."""
     model_args = dict(embed_dims=(128, 256, 512, 1024), depths=(4, 4, 27, 3), kernel_sizes=(7, 7, 7, 7),
                       layer_scale_init_value=1e-6)
     return _create_ffnet("ffnet_4", pretrained, **dict(model_args, **kwargs))
-
-
-# The names the original benchmark (`eval_cls_model.py --other`) accepts; FFNet-3/4 crash there.
-register_aliases({"ffnet1": "ffnet_1", "ffnet2": "ffnet_2", "ffnet3": "ffnet_3", "ffnet4": "ffnet_4"})

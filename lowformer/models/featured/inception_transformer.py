@@ -42,7 +42,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from lowformer.models._api import StagedModel
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
+from lowformer.models._registry import record
 from lowformer.models.featured._base import Stage, featured_cfg, map_self_attention
 
 __all__ = ['InceptionTransformer']
@@ -393,24 +393,29 @@ _LARGE = dict(embed_dims=(96, 192, 448, 640), depths=(4, 6, 18, 8),
               attention_heads=(1,) * 4 + (3,) * 6 + (10,) * 9 + (12,) * 9 + (19,) * 8)
 
 
+# aliases: the original's `--other` names; `iformers` is the (broken in the original) spelling of its featured list
+@record(aliases=('iformers', 'iformersmall'))
 @register_model
 def inception_transformer_small(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer small (iFormer-S), 19.87 M params."""
     return _create_inception_transformer('inception_transformer_small', pretrained, **dict(_SMALL, **kwargs))
 
 
+@record(aliases=('iformerbase',))
 @register_model
 def inception_transformer_base(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer base (iFormer-B), 47.87 M params."""
     return _create_inception_transformer('inception_transformer_base', pretrained, **dict(_BASE, **kwargs))
 
 
+@record(aliases=('iformerlarge',))
 @register_model
 def inception_transformer_large(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer large (iFormer-L)."""
     return _create_inception_transformer('inception_transformer_large', pretrained, **dict(_LARGE, **kwargs))
 
 
+@record(aliases=('iformersmall_384',))
 @register_model
 def inception_transformer_small_384(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer small with position tables for 384x384."""
@@ -418,6 +423,7 @@ def inception_transformer_small_384(pretrained: bool = False, **kwargs: Any) -> 
         'inception_transformer_small_384', pretrained, **dict(dict(_SMALL, img_size=384), **kwargs))
 
 
+@record(aliases=('iformerbase_384',))
 @register_model
 def inception_transformer_base_384(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer base with position tables for 384x384."""
@@ -425,16 +431,9 @@ def inception_transformer_base_384(pretrained: bool = False, **kwargs: Any) -> I
         'inception_transformer_base_384', pretrained, **dict(dict(_BASE, img_size=384), **kwargs))
 
 
+@record(aliases=('iformerlarge_384',))
 @register_model
 def inception_transformer_large_384(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer large with position tables for 384x384."""
     return _create_inception_transformer(
         'inception_transformer_large_384', pretrained, **dict(dict(_LARGE, img_size=384), **kwargs))
-
-
-# the original's `--other` names; `iformers` is the (broken in the original) spelling of its featured list
-register_aliases({
-    'iformers': 'inception_transformer_small',
-    **{f'iformer{size}{res}': f'inception_transformer_{size}{res}'
-       for size in ('small', 'base', 'large') for res in ('', '_384')},
-})

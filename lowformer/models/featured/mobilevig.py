@@ -34,7 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from lowformer.models._api import StagedModel
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
+from lowformer.models._registry import record
 from lowformer.models.featured._base import Stage, featured_cfg, rename_prefix
 
 __all__ = ["MobileViG"]
@@ -281,6 +281,8 @@ def _create_mobilevig(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     )
 
 
+# aliases: the names the original benchmark (`eval_cls_model.py --other`) accepts
+@record(aliases=("mobilevigti",))
 @register_model
 def mobilevig_ti(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-Ti (4.8M)."""
@@ -289,6 +291,7 @@ def mobilevig_ti(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     return _create_mobilevig("mobilevig_ti", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("mobilevigs",))
 @register_model
 def mobilevig_s(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-S."""
@@ -297,6 +300,7 @@ def mobilevig_s(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     return _create_mobilevig("mobilevig_s", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("mobilevigm",))
 @register_model
 def mobilevig_m(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-M (13.3M)."""
@@ -305,14 +309,10 @@ def mobilevig_m(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     return _create_mobilevig("mobilevig_m", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("mobilevigb",))
 @register_model
 def mobilevig_b(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-B."""
     model_args = dict(local_dims=(42, 84, 240), local_depths=(5, 5, 15), global_dim=464, global_depth=5,
                       head_dim=768)
     return _create_mobilevig("mobilevig_b", pretrained, **dict(model_args, **kwargs))
-
-
-# The names the original benchmark (`eval_cls_model.py --other`) accepts.
-register_aliases({"mobilevigti": "mobilevig_ti", "mobilevigs": "mobilevig_s", "mobilevigm": "mobilevig_m",
-                  "mobilevigb": "mobilevig_b"})
