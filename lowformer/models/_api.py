@@ -208,7 +208,7 @@ class ClassifierHeadModel(StagedModel):
     the layout of the families' checkpoints)."""
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
-                   head_hidden_size: Optional[int] = None, **dd: Any) -> None:
+                   **dd: Any) -> None:
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = num_features
         self.head = ClassifierHead(num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)

@@ -407,6 +407,11 @@ class VisformerV2(NumberedStages, StagedModel):
                 x = self.stage3(x)
         return self.norm(x)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # defined here so fx's tracer treats this module's helpers (add_pos_embed, windows) as leaf functions:
+        # it wraps them in the globals of the traced forward's module
+        return self.forward_head(self.forward_features(x))
+
 
 _BN_WRAPPER = re.compile(r'\.bn\.(weight|bias|running_mean|running_var|num_batches_tracked)$')
 
