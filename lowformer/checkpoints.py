@@ -14,7 +14,6 @@ import argparse
 import os
 import pickle
 import re
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,8 +25,7 @@ from lowformer.errors import LowformerError
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "extract_state_dict", "load_checkpoint",
-    "register_checkpoint_filter", "weights_dir", "find_pretrained_file", "pretrained_weights",
-    "has_published_weights", "register_original_layout", "to_original_layout",
+    "weights_dir", "find_pretrained_file", "pretrained_weights", "has_published_weights", "to_original_layout",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -36,8 +34,6 @@ FilterFn = Callable[[StateDict, nn.Module], StateDict]
 # Containers under which known training scripts nest the network weights, most specific first.
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "net", "module")
 _WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
-_CHECKPOINT_FILTERS: dict[str, FilterFn] = {}
-_ORIGINAL_LAYOUTS: dict[str, FilterFn] = {}
 
 
 class CheckpointError(LowformerError, ValueError):
@@ -56,35 +52,19 @@ class _CfgNodeAsDict:
 _SAFE_METADATA = [argparse.Namespace, (_CfgNodeAsDict, "yacs.config.CfgNode")]
 
 
-def register_checkpoint_filter(model_names: str | list[str], fn: FilterFn) -> None:
-    """Use ``fn`` instead of the model module's own ``checkpoint_filter_fn`` for these names.
-
-    Needed where the architecture comes from timm but the original checkpoints have another layout
-    (Visformer v1)."""
-    for name in [model_names] if isinstance(model_names, str) else model_names:
-        _CHECKPOINT_FILTERS[name] = fn
-
-
-def register_original_layout(model_names: list[str], fn: FilterFn) -> None:
-    """``fn(state_dict, model)`` renames native keys to the original repository's layout (the inverse of
-    the family's ``checkpoint_filter_fn``), for files meant for the original code."""
-    for name in model_names:
-        _ORIGINAL_LAYOUTS[name] = fn
-
-
 def to_original_layout(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """``state_dict`` under the original repository's keys where the model's family registered them,
+    """``state_dict`` under the original repository's keys where the model's registry record has that map,
     else unchanged. ``load_checkpoint`` reads either layout."""
-    fn = _ORIGINAL_LAYOUTS.get(getattr(model, "pretrained_cfg", {}).get("architecture"))
+    from lowformer.models._registry import original_layout  # the models package imports this module
+
+    fn = original_layout(model)
     return fn(state_dict, model) if fn is not None else state_dict
 
 
 def _checkpoint_filter(model: nn.Module) -> FilterFn | None:
-    name = getattr(model, "pretrained_cfg", {}).get("architecture")
-    if name in _CHECKPOINT_FILTERS:
-        return _CHECKPOINT_FILTERS[name]
-    module = sys.modules.get(type(model).__module__)
-    return getattr(module, "checkpoint_filter_fn", None)
+    from lowformer.models._registry import checkpoint_filter
+
+    return checkpoint_filter(model)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:

@@ -1,34 +1,40 @@
-"""Which timm models belong to the project, their short aliases, and the one ``create_model``.
+"""Which timm models belong to the project, what the project knows about each, and the one ``create_model``.
 
-timm's registry stays the single source of model factories. This module only records which entries
-the project offers (its own family modules under ``lowformer.models`` plus chosen timm families such as
-LowFormer), the short names the original code accepts, and per-model feature-extractor classes.
+timm's registry stays the single source of model factories. Beside each ``@register_model`` the project
+keeps one :class:`ModelRecord` per name: whether ``list_models`` offers it, the short names the original
+code accepts, ``pretrained_cfg`` values that differ from timm's, the checkpoint filter that maps original
+layouts, the inverse map back to the original layout, and the feature-extractor class. Every lookup
+(aliases, ``list_models``, ``create_model``, checkpoint loading and export) reads these records.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import os
+import sys
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 import timm
+import torch
 import torch.nn as nn
-from timm.models import model_entrypoint
+from timm.models import register_model
 
 from lowformer.checkpoints import CheckpointError, load_checkpoint, pretrained_weights, weights_dir
 from lowformer.errors import LowformerError
 
 __all__ = [
-    "DuplicateRegistrationError", "UnknownModelError", "create_model", "list_models", "resolve_model_name",
-    "register_project_models", "register_aliases", "register_feature_cls", "register_pretrained_cfg_overlay",
+    "DuplicateRegistrationError", "ModelRecord", "UnknownModelError", "checkpoint_filter", "create_model",
+    "list_models", "model_record", "original_layout", "record", "register_aliases", "register_feature_cls",
+    "register_pretrained_cfg_overlay", "register_project_models", "register_record", "resolve_model_name",
+    "take_over_timm_models",
 ]
 
-_PROJECT_TIMM_MODELS: set[str] = set()
-_ALIASES: dict[str, str] = {}
-_FEATURE_CLS: dict[str, type] = {}
-_DEFAULT_OUT_INDICES: dict[str, tuple[int, ...]] = {}
-_CFG_OVERLAYS: dict[str, dict[str, Any]] = {}
+FilterFn = Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+EntryPoint = TypeVar("EntryPoint", bound=Callable[..., nn.Module])
+
 _HUB_PREFIXES = ("hf-hub:", "local-dir:")
 
 
@@ -39,50 +45,160 @@ class UnknownModelError(LowformerError, KeyError):
         return str(self.args[0])
 
 
-def register_project_models(names: list[str]) -> None:
-    """Offer these timm models as the project's own (listed by ``list_models`` and ``lowformer models``)."""
-    _PROJECT_TIMM_MODELS.update(names)
-
-
 class DuplicateRegistrationError(LowformerError, ValueError):
     """A name registered twice for different things."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    """What the project knows about one timm registry name.
+
+    Attributes:
+        name: the registry name.
+        aliases: other names that resolve to it (the original code's spellings).
+        listed: offered as a project model by ``list_models`` / ``lowformer models``.
+        cfg_overlay: ``pretrained_cfg`` values ``create_model`` sets where the original differs from timm.
+        checkpoint_filter: maps original checkpoint layouts to the model's keys; None: the model class's
+            module's ``checkpoint_filter_fn`` (timm's convention).
+        original_layout: renames native keys to the original repository's layout (the filter's inverse).
+        feature_cls, out_indices: timm feature wrapper and default taps for ``features_only``.
+    """
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    listed: bool = True
+    cfg_overlay: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    checkpoint_filter: FilterFn | None = None
+    original_layout: FilterFn | None = None
+    feature_cls: type | None = None
+    out_indices: tuple[int, ...] | None = None
+
+
+_RECORDS: dict[str, ModelRecord] = {}
+_ALIASES: dict[str, str] = {}  # alias -> name, the index of the records' aliases
+
+
+def register_record(rec: ModelRecord) -> ModelRecord:
+    """Add ``rec``; a different record for the same name, or an alias that names another model, is refused
+    (the same record again is no conflict)."""
+    old = _RECORDS.get(rec.name)
+    if old is not None and old != rec:
+        raise DuplicateRegistrationError(f"model '{rec.name}' has a registry record already; a second, different "
+                                         "one would silently replace it: register each model once")
+    for alias in rec.aliases:
+        if alias in _RECORDS:
+            raise DuplicateRegistrationError(f"alias '{alias}' of '{rec.name}' is a registered model name: "
+                                             "pick another alias")
+        if _ALIASES.get(alias, rec.name) != rec.name:
+            raise DuplicateRegistrationError(f"alias '{alias}' is registered for '{_ALIASES[alias]}' already, "
+                                             f"not also for '{rec.name}': pick another alias")
+    _RECORDS[rec.name] = rec
+    _ALIASES.update((alias, rec.name) for alias in rec.aliases)
+    return rec
+
+
+def _update(name: str, **changes: Any) -> None:
+    """Amend the record of ``name`` (a timm model without one gets an unlisted record first)."""
+    old = _RECORDS.get(name, ModelRecord(name, listed=False))
+    new = dataclasses.replace(old, **changes)
+    _RECORDS.pop(name, None)
+    try:
+        register_record(new)
+    except DuplicateRegistrationError:
+        _RECORDS[name] = old
+        raise
+
+
+def record(**fields: Any) -> Callable[[EntryPoint], EntryPoint]:
+    """Decorator beside ``@register_model``: the project's record for the entry point below it (listed;
+    checkpoint filter: its module's ``checkpoint_filter_fn``)."""
+    def decorate(fn: EntryPoint) -> EntryPoint:
+        fields.setdefault("checkpoint_filter", getattr(sys.modules[fn.__module__], "checkpoint_filter_fn", None))
+        register_record(ModelRecord(fn.__name__, **{**fields, "aliases": tuple(fields.get("aliases", ()))}))
+        return fn
+    return decorate
+
+
+def model_record(name: str) -> ModelRecord | None:
+    """The record of a registry name (aliases are not resolved here), None for a timm model without one."""
+    return _RECORDS.get(name)
+
+
+def _architecture(model: nn.Module) -> str | None:
+    return getattr(model, "pretrained_cfg", {}).get("architecture")
+
+
+def checkpoint_filter(model: nn.Module) -> FilterFn | None:
+    """The key filter for checkpoints of ``model``: its record's, else its class's module's
+    ``checkpoint_filter_fn`` (timm's families), else None."""
+    rec = _RECORDS.get(_architecture(model))
+    if rec is not None and rec.checkpoint_filter is not None:
+        return rec.checkpoint_filter
+    return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+
+
+def original_layout(model: nn.Module) -> FilterFn | None:
+    """The native -> original key map of ``model``'s record, None where the family has none."""
+    rec = _RECORDS.get(_architecture(model))
+    return rec.original_layout if rec is not None else None
+
+
+def register_project_models(names: list[str]) -> None:
+    """Offer these timm models as the project's own (listed by ``list_models`` and ``lowformer models``)."""
+    for name in names:
+        _update(name, listed=True)
 
 
 def register_aliases(aliases: dict[str, str]) -> None:
     """Short names, such as the original benchmark's ``--other`` names, that resolve to registry names;
     an alias already taken by another target is refused."""
     for alias, target in aliases.items():
-        if _ALIASES.get(alias, target) != target:
-            raise DuplicateRegistrationError(f"alias '{alias}' is registered for '{_ALIASES[alias]}' already, "
-                                             f"not also for '{target}': pick another alias")
-    _ALIASES.update(aliases)
+        current = _RECORDS.get(target)
+        if current is None or alias not in current.aliases:
+            _update(target, aliases=(current.aliases if current else ()) + (alias,))
 
 
 def register_feature_cls(names: list[str], feature_cls: type, out_indices: tuple[int, ...]) -> None:
     """Use ``feature_cls`` (a timm feature wrapper) and these default ``out_indices`` for ``features_only``."""
     for name in names:
-        _FEATURE_CLS[name] = feature_cls
-        _DEFAULT_OUT_INDICES[name] = out_indices
+        _update(name, feature_cls=feature_cls, out_indices=tuple(out_indices))
 
 
 def register_pretrained_cfg_overlay(names: list[str], **values: Any) -> None:
     """Evaluation defaults (``crop_pct``, ...) that ``create_model`` puts into these timm models'
-    ``pretrained_cfg`` where the original differs from timm (Visformer V1's 0.875 crop); timm's own
-    registry entries stay unchanged."""
+    ``pretrained_cfg`` where the original differs from timm; timm's own registry entries stay unchanged."""
     for name in names:
-        _CFG_OVERLAYS.setdefault(name, {}).update(values)
+        current = _RECORDS.get(name)
+        _update(name, cfg_overlay={**(current.cfg_overlay if current else {}), **values})
 
 
-def _is_project_model(name: str) -> bool:
-    if name in _PROJECT_TIMM_MODELS:
-        return True
-    return model_entrypoint(name).__module__.startswith("lowformer.")
+def take_over_timm_models(module: str, variants: Iterable[str], create: Callable[..., nn.Module], doc: str,
+                          **fields: Any) -> dict[str, Callable]:
+    """Register, under timm's own names, entry points building ``create(variant, pretrained, **kwargs)`` (a
+    subclass of timm's model) for a family kept as timm's, each with its record (``fields``); replacing
+    timm's entries makes ``timm.create_model`` build the same model as ``create_model``. Returns the entry
+    points by name, for ``module``'s namespace."""
+    entrypoints = {}
+    with warnings.catch_warnings():  # timm warns that the names it registered are taken over
+        warnings.simplefilter("ignore")
+        for variant in variants:
+            entrypoints[variant] = record(**fields)(register_model(_entrypoint(module, variant, create, doc)))
+    return entrypoints
+
+
+def _entrypoint(module: str, variant: str, create: Callable[..., nn.Module], doc: str) -> Callable[..., nn.Module]:
+    def fn(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create(variant, pretrained=pretrained, **kwargs)
+    fn.__name__ = fn.__qualname__ = variant
+    fn.__module__ = module
+    fn.__doc__ = f"{variant}: {doc}"
+    return fn
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """The project's models (LowFormer, the sibling families, featured backbones) matching ``pattern``, by
     registry name or by an alias (``mobilevigm`` finds ``mobilevig_m``)."""
-    names = {n for n in timm.list_models() if _is_project_model(n)}
+    names = {n for n, rec in _RECORDS.items() if rec.listed and timm.is_model(n)}
     found = {n for n in names if fnmatch.fnmatch(n, pattern)}
     found |= {t for a, t in _ALIASES.items() if t in names and fnmatch.fnmatch(a, pattern)}
     return sorted(found)
@@ -135,13 +251,14 @@ def create_model(
     if weights is None and pretrained:
         weights = pretrained_weights(name)
         published = weights is None
-    overlay = {**_CFG_OVERLAYS.get(name, {}), **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+    rec = _RECORDS.get(name, ModelRecord(name, listed=False))
+    overlay = {**rec.cfg_overlay, **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
     if overlay:
         kwargs["pretrained_cfg_overlay"] = overlay
     if kwargs.get("features_only"):
-        if name in _FEATURE_CLS:
-            kwargs.setdefault("feature_cls", _FEATURE_CLS[name])
-            kwargs.setdefault("out_indices", _DEFAULT_OUT_INDICES[name])
+        if rec.feature_cls is not None:
+            kwargs.setdefault("feature_cls", rec.feature_cls)
+            kwargs.setdefault("out_indices", rec.out_indices)
         if weights is None:
             return _timm_create(name, published, **kwargs)
         # Load the whole classifier strictly, then let timm cut the feature extractor out of it.

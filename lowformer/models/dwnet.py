@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     BatchNormAct2d,
-    ClassifierHead,
     ConvMlp,
     ConvNormAct,
     DropPath,
@@ -45,10 +44,11 @@ from timm.layers import (
     calculate_drop_path_rates,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._api import ClassifierHeadModel, init_linear
 from lowformer.models._dense import check_output_stride, pad_to_multiple
+from lowformer.models._registry import record
 
 __all__ = ["DWNet", "DWNET_MODELS"]
 
@@ -245,20 +245,16 @@ class DWNetStage(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.grad_checkpointing = False
         self.downsample = PatchMerging2d(in_dim, dim, **dd) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             DWNetBlock(dim, drop_path=drop_path[i], **block_kwargs, **dd) for i in range(depth)
         ])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return self.blocks(self.downsample(x))
 
 
-class DWNet(nn.Module):
+class DWNet(ClassifierHeadModel):
     """DWNet classifier: 4x4 patch stem, four stages of conv-mixer blocks, LayerNorm, average pool, linear.
 
     Inputs of any size run; the original classifier accepts sides that are multiples of 32 (every
@@ -319,7 +315,6 @@ class DWNet(nn.Module):
             group_channels = (None,) * num_stages
         if len(group_channels) != num_stages:
             raise ValueError(f"group_channels needs one entry per stage ({num_stages}), got {group_channels}")
-        self.num_classes = num_classes
         self.drop_rate = drop_rate
 
         self.patch_embed = PatchEmbed(
@@ -327,7 +322,6 @@ class DWNet(nn.Module):
             norm_layer=partial(LayerNorm2d, eps=1e-5), output_fmt='NCHW', **dd)
 
         dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=False)
-        self.feature_info = []
         stages = []
         in_dim, block_idx = embed_dim, 0
         for i, depth in enumerate(depths):
@@ -346,11 +340,10 @@ class DWNet(nn.Module):
             if isinstance(m, DWConvMixer):
                 m.window_pad = window_pad
 
-        self.num_features = self.head_hidden_size = in_dim
         self.norm = LayerNorm2d(in_dim, eps=1e-5, **dd)
-        self.head = ClassifierHead(in_dim, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self._init_head(in_dim, num_classes, global_pool, drop_rate, **dd)
 
-        self.apply(self._init_weights)
+        self.apply(init_linear)
 
     def _dilate(self, output_stride: int) -> None:
         """Stages past ``output_stride``: stride-1 merging at the dilation reached so far, then dilated kernels."""
@@ -369,109 +362,8 @@ class DWNet(nn.Module):
                 info["reduction"] = output_stride
             prev = reduction
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set:
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates.
-
-        Args:
-            x: Input image tensor.
-            indices: Take last n stages if int, all if None, select matching indices if sequence.
-            norm: Apply the final LayerNorm to the last stage's intermediate.
-            stop_early: Stop iterating over stages when last desired intermediate hit.
-            output_fmt: Shape of intermediate feature outputs (NCHW only).
-            intermediates_only: Only return intermediate features.
-
-        Returns:
-            List of intermediate features or tuple of (final features, intermediates).
-        """
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-
-        x = self.patch_embed(x)
-        if torch.jit.is_scripting() or not stop_early:
-            stages = self.stages
-        else:
-            stages = self.stages[:max_index + 1]
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(self.norm(x) if norm and feat_idx == last_idx else x)
-
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Prune layers not required for specified intermediates."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm or prune_end:  # norm and head were sized for the last stage
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.patch_embed(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
 
 # Original key (inside layers.i.blocks.j.) -> ours (inside stages.i.blocks.j.); first matching prefix wins.
@@ -546,6 +438,7 @@ def _create_dwnet(variant: str, pretrained: bool = False, **kwargs: Any) -> DWNe
     )
 
 
+@record()
 @register_model
 def dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """DWNet-T: static 7x7 depth-wise convolution, Swin-T layout (24.2M params)."""
@@ -553,6 +446,7 @@ def dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("dwnet_tiny", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """DWNet-B: static 7x7 depth-wise convolution, Swin-B layout (74.3M params)."""
@@ -560,6 +454,7 @@ def dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("dwnet_base", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def dynamic_dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """Dynamic DWNet-T: per-image generated 7x7 depth-wise kernels (51.1M params)."""
@@ -567,6 +462,7 @@ def dynamic_dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("dynamic_dwnet_tiny", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def dynamic_dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """Dynamic DWNet-B: per-image generated 7x7 depth-wise kernels (161.6M params)."""
@@ -574,6 +470,7 @@ def dynamic_dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("dynamic_dwnet_base", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def i_dynamic_dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """Inhomogeneous dynamic DWNet-T: per-pixel 7x7 kernels, 32 channel groups per stage (26.2M params)."""
@@ -581,6 +478,7 @@ def i_dynamic_dwnet_tiny(pretrained: bool = False, **kwargs: Any) -> DWNet:
     return _create_dwnet("i_dynamic_dwnet_tiny", pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def i_dynamic_dwnet_base(pretrained: bool = False, **kwargs: Any) -> DWNet:
     """Inhomogeneous dynamic DWNet-B: per-pixel 7x7 kernels, 32 channel groups per stage (80.3M params)."""

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import (
-    ClassifierHead,
     ConvNormAct,
     DropPath,
     Mlp,
@@ -36,12 +35,13 @@ from timm.layers import (
     register_notrace_module,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual
-from timm.models._features import feature_take_indices
 
 from lowformer.data.images import BGR_INPUT_NOTE
+from lowformer.models._api import ClassifierHeadModel
 from lowformer.models._dense import check_output_stride, default_out_indices, dilate_stages, select_taps
+from lowformer.models._registry import record
 
 __all__ = ["EdgeFormer"]
 
@@ -218,7 +218,7 @@ class GccStage(nn.Module):
         return self.merge(y)
 
 
-class EdgeFormer(nn.Module):
+class EdgeFormer(ClassifierHeadModel):
     """EdgeFormer / ParC-Net classifier.
 
     Stem conv (stride 2), two stages of MobileNetV2 inverted residuals (strides 2 and 4), three global
@@ -226,6 +226,9 @@ class EdgeFormer(nn.Module):
     expansion conv (``final_conv``, part of ``forward_features`` as in timm's MobileViT), average pooling
     and a linear classifier.
     """
+
+    norm_name = "final_conv"
+    norm_taps = False  # the final conv widens the map
 
     def __init__(
             self,
@@ -276,9 +279,7 @@ class EdgeFormer(nn.Module):
         check_output_stride("EdgeFormer", output_stride, (8, 16, 32))
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
 
         self.stem = ConvNormAct(in_chans, stem_chs, stem_kernel_size, stride=2, norm_layer=norm_layer,
                                 act_layer=act_layer, **dd)
@@ -287,7 +288,6 @@ class EdgeFormer(nn.Module):
         ir_args = dict(exp_ratio=exp_ratio, act_layer=act_layer, norm_layer=norm_layer, **dd)
 
         stages = []
-        self.feature_info = []
         in_chs, reduction = stem_chs, 2
         for i, (width, depth) in enumerate(zip(embed_dims[:2], mv2_depths)):
             stride = 1 if i == 0 else 2
@@ -310,11 +310,12 @@ class EdgeFormer(nn.Module):
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{stage_idx}"))
         self.stages = nn.Sequential(*stages)
         dilate_stages(self.stages, self.feature_info, output_stride)
-        self.feature_info, self.tap_offset = select_taps(self.feature_info, stride2_feature)
+        self.feature_info, skipped = select_taps(self.feature_info, stride2_feature)
+        self.first_tap = 1 + skipped  # the stem is no tap; the stride-2 stage only with stride2_feature
 
-        self.num_features = self.head_hidden_size = num_features or min(4 * in_chs, 960)
-        self.final_conv = ConvNormAct(in_chs, self.num_features, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        num_features = num_features or min(4 * in_chs, 960)
+        self.final_conv = ConvNormAct(in_chs, num_features, 1, norm_layer=norm_layer, act_layer=act_layer, **dd)
+        self._init_head(num_features, num_classes, global_pool, drop_rate, **dd)
 
         self.apply(self._init_weights)
 
@@ -331,100 +332,12 @@ class EdgeFormer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return set()  # the original recipe decays every parameter
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^stem",
-            blocks=r"^stages\.(\d+)" if coarse else [
-                (r"^stages\.(\d+)\.(\d+)", None),
-                (r"^final_conv", (99999,)),
-            ],
-        )
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.(\d+)", None), (r"^final_conv", (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool, in_features=self.num_features)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs at the ``feature_info`` taps (strides 4-32, stride 2 in front with ``stride2_feature``)
-        and, unless ``intermediates_only``, the final features.
-
-        Args:
-            x: input images.
-            indices: take the last n taps if int, all if None, these tap indices if a sequence.
-            norm: no-op, EdgeFormer has no final norm.
-            stop_early: stop after the last wanted stage.
-            output_fmt: only 'NCHW'.
-            intermediates_only: return only the intermediates.
-        """
-        assert output_fmt == "NCHW", "Output shape must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        offset = self.tap_offset
-        x = self.stem(x)
-        last = len(self.stages) if torch.jit.is_scripting() or not stop_early else max_index + offset + 1
-        for idx, stage in enumerate(self.stages):
-            if idx >= last:
-                break
-            x = stage(x)
-            if idx - offset in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        if last == len(self.stages):
-            x = self.final_conv(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last wanted one (and the final conv and head with them)."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        keep = max_index + self.tap_offset + 1
-        prune_end = keep < len(self.stages)
-        self.stages = self.stages[:keep]
-        if prune_end:
-            self.final_conv = nn.Identity()
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
+    def forward_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_conv(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # original key fragment -> ours, applied in order; cvnets' ConvLayer internals (block.conv / block.norm)
@@ -517,6 +430,7 @@ def _create_edgeformer(variant: str, pretrained: bool = False, **kwargs: Any) ->
     )
 
 
+@record()
 @register_model
 def edgeformer_xs(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     """EdgeFormer-XS (2.2M params): narrow GCC part, add fusion."""
@@ -527,6 +441,7 @@ def edgeformer_xs(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     return _create_edgeformer("edgeformer_xs", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def edgeformer_s(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     """EdgeFormer-S (5.0M params, 78.6% ImageNet top-1 in the paper)."""
@@ -537,6 +452,7 @@ def edgeformer_s(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     return _create_edgeformer("edgeformer_s", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def edgeformer_h(pretrained: bool = False, **kwargs: Any) -> EdgeFormer:
     """EdgeFormer-H (20.4M params): 5x5 stem, wider and deeper."""

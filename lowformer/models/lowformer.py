@@ -15,18 +15,15 @@ https://arxiv.org/abs/2409.03460, code https://github.com/altair199797/LowFormer
 """
 import os
 import re
-import warnings
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any
 
 import timm.models.lowformer as timm_lowformer
-import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, checkpoint_seq, register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg
 
-from lowformer.checkpoints import register_original_layout
+from lowformer.models._api import FeatureTaps
 from lowformer.models._dense import check_output_stride, default_out_indices, dilate_stages, select_taps
-from lowformer.models._registry import create_model, register_project_models
+from lowformer.models._registry import ModelRecord, create_model, register_record, take_over_timm_models
 
 __all__ = [
     "LowFormer", "LOWFORMER_MODELS", "to_original_state_dict",
@@ -40,11 +37,13 @@ LOWFORMER_MODELS = [
 ]
 
 
-class LowFormer(timm_lowformer.LowFormer):
+class LowFormer(FeatureTaps, timm_lowformer.LowFormer):
     """timm's LowFormer with what dense prediction needs: ``output_stride`` 8 or 16 (the last stages keep the
     resolution, their convs dilated; the attention's own pooled keys stay as they are) and, with
     ``stride2_feature``, the stride-2 stem output as feature 0, as the original backbone returns it (``stage0``).
     Parameters and state-dict keys are timm's."""
+
+    norm_name = None  # the head's convs follow the last stage directly
 
     def __init__(self, *args: Any, output_stride: int = 32, stride2_feature: bool = False, **kwargs: Any) -> None:
         check_output_stride("LowFormer", output_stride, (8, 16, 32))
@@ -52,56 +51,10 @@ class LowFormer(timm_lowformer.LowFormer):
         dilate_stages(self.stages, self.feature_info, output_stride, keep=(timm_lowformer.ConvAttention,))
         stem = dict(num_chs=[m for m in self.stem.modules() if isinstance(m, nn.Conv2d)][-1].out_channels,
                     reduction=2, module="stem")
-        self.feature_info, self.tap_offset = select_taps([stem] + self.feature_info, stride2_feature)
+        self.feature_info, self.first_tap = select_taps([stem] + self.feature_info, stride2_feature)
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Maps at the ``feature_info`` taps (strides 4-32, the stem's stride 2 in front with
-        ``stride2_feature``) and, unless ``intermediates_only``, the final features; ``norm`` is a no-op."""
-        assert output_fmt == "NCHW", "Output shape must be NCHW."
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        offset = self.tap_offset
-        x = self.stem(x)
-        if offset == 0 and 0 in take_indices:
-            intermediates.append(x)
-        last = len(self.stages) if torch.jit.is_scripting() or not stop_early else max_index + offset
-        for i, stage in enumerate(self.stages):
-            if i >= last:
-                break
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if i + 1 - offset in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last of ``indices`` (and the head when asked or when it lost its input)."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        keep = max_index + self.tap_offset
-        prune_end = keep < len(self.stages)
-        self.stages = self.stages[:keep]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, reset_other=True)
-        return take_indices
+    def _remove_head(self) -> None:
+        self.reset_classifier(0, reset_other=True)
 
 
 # Native -> original key fragments, the inverse of timm's checkpoint_filter_fn (applied in this order).
@@ -166,21 +119,11 @@ def _create_lowformer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     )
 
 
-def _entrypoint(variant: str):
-    def fn(pretrained: bool = False, **kwargs: Any) -> LowFormer:
-        return _create_lowformer(variant, pretrained=pretrained, **kwargs)
-    fn.__name__ = fn.__qualname__ = variant
-    fn.__doc__ = f"{variant}: timm's configuration, with ``output_stride`` and ``stride2_feature``."
-    return fn
-
-
-with warnings.catch_warnings():  # timm warns that the names it registered are taken over
-    warnings.simplefilter("ignore")
-    for _variant in _VARIANT_ARGS:
-        globals()[_variant] = register_model(_entrypoint(_variant))
-
-register_project_models(LOWFORMER_MODELS)
-register_original_layout(LOWFORMER_MODELS + ["lowformer_b2"], to_original_state_dict)
+globals().update(take_over_timm_models(
+    __name__, _VARIANT_ARGS, _create_lowformer, "timm's configuration, with ``output_stride`` and ``stride2_feature``.",
+    original_layout=to_original_state_dict))
+# timm's unofficial B2 is not listed, but its weights export to the original layout like the others'
+register_record(ModelRecord("lowformer_b2", listed=False, original_layout=to_original_state_dict))
 
 
 def _get(name: str, pretrained: bool | str | os.PathLike = False, **kwargs: Any) -> nn.Module:

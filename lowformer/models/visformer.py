@@ -17,19 +17,16 @@ module builds them as a subclass of timm's class, registered under timm's names 
 
 Visformer V2, which timm lacks, is ``lowformer.models.visformer_v2``.
 """
-import warnings
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import timm.models.visformer as timm_visformer
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, checkpoint_seq, register_model
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, checkpoint_seq
 
-from lowformer.checkpoints import register_checkpoint_filter
 from lowformer.models._dense import check_output_stride, default_out_indices, select_taps
-from lowformer.models._registry import register_pretrained_cfg_overlay, register_project_models
-from lowformer.models.visformer_v2 import add_pos_embed, checkpoint_filter_fn, from_windows, to_windows
+from lowformer.models._registry import take_over_timm_models
+from lowformer.models.visformer_v2 import NumberedStages, add_pos_embed, checkpoint_filter_fn, from_windows, to_windows
 
 __all__ = ["VISFORMER_MODELS", "Visformer", "WindowedAttention"]
 
@@ -62,8 +59,10 @@ class WindowedAttention(timm_visformer.Attention):
         return from_windows(self._attend(windows, mask), self.window_size, self.shift_size, x.shape[2], x.shape[3])
 
 
-class Visformer(timm_visformer.Visformer):
+class Visformer(NumberedStages, timm_visformer.Visformer):
     """timm's Visformer V1 at any input size, with optional detection windows and stride-2 feature tap."""
+
+    stage_numbers = (1, 2, 3)
 
     def __init__(
             self,
@@ -84,9 +83,9 @@ class Visformer(timm_visformer.Visformer):
         taps = list(self.feature_info)
         if self.stem is not None:
             taps = [dict(num_chs=self.stem[0].out_channels, reduction=2, module="stem")] + taps
-        self.feature_info, self.tap_offset = select_taps(taps, stride2_feature)
+        self.feature_info, self.first_tap = select_taps(taps, stride2_feature)
         if self.stem is None:
-            self.tap_offset = 1
+            self.first_tap = 1
 
     def _use_windows(self, window_size: Tuple[int, int]) -> None:
         # the shift alternates with the block's index in the whole network, as in Visformer V2
@@ -102,74 +101,8 @@ class Visformer(timm_visformer.Visformer):
                     block.attn.load_state_dict(old.state_dict())
             first += len(stage)
 
-    @torch.jit.ignore
-    def _run_stage(self, x: torch.Tensor, patch_embed: Optional[nn.Module], pos_embed: Optional[torch.Tensor],
-                   stage: nn.Module) -> torch.Tensor:
-        if patch_embed is not None:
-            x = patch_embed(x)
-            if pos_embed is not None:
-                x = self.pos_drop(add_pos_embed(x, pos_embed))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(stage, x)
-        return stage(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Maps at the ``feature_info`` taps (stages 1-3, the stem in front with ``stride2_feature``) and,
-        unless ``intermediates_only``, the final features; ``norm`` normalises the last stage's map."""
-        assert output_fmt == "NCHW", "Output shape must be NCHW."
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        offset = self.tap_offset
-        last_tap = len(self.feature_info) - 1
-        last = 3 if torch.jit.is_scripting() or not stop_early else max_index + offset
-        intermediates = []
-        if self.stem is not None:
-            x = self.stem(x)
-        if offset == 0 and 0 in take_indices:
-            intermediates.append(x)
-        stages = [(self.patch_embed1, self.pos_embed1, self.stage1), (self.patch_embed2, self.pos_embed2, self.stage2),
-                  (self.patch_embed3, self.pos_embed3, self.stage3)]
-        for i, (patch_embed, pos_embed, stage) in enumerate(stages):
-            if i >= last:
-                break
-            x = self._run_stage(x, patch_embed, pos_embed, stage)
-            tap = i + 1 - offset
-            if tap in take_indices:
-                intermediates.append(self.norm(x) if norm and tap == last_tap else x)
-        if intermediates_only:
-            return intermediates
-        if last == 3:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Remove the stages after the last of ``indices`` (and the norm / head when asked)."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        keep = max_index + self.tap_offset
-        for n in range(keep + 1, 4):
-            setattr(self, f"patch_embed{n}", None)
-            setattr(self, f"pos_embed{n}", None)
-            setattr(self, f"stage{n}", nn.Sequential())
-        prune_end = keep < 3
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
-        return take_indices
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.stem is None else self.stem(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # stage by stage, as TorchScript takes no module arguments
@@ -226,19 +159,7 @@ def _create_visformer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     )
 
 
-def _entrypoint(variant: str):
-    def fn(pretrained: bool = False, **kwargs: Any) -> Visformer:
-        return _create_visformer(variant, pretrained=pretrained, **kwargs)
-    fn.__name__ = fn.__qualname__ = variant
-    fn.__doc__ = f"{variant}: timm's configuration, at any input size, with ``window_size`` and ``stride2_feature``."
-    return fn
-
-
-with warnings.catch_warnings():  # timm warns that the names it registered are taken over
-    warnings.simplefilter("ignore")
-    for _variant in _VARIANT_ARGS:
-        globals()[_variant] = register_model(_entrypoint(_variant))
-
-register_project_models(VISFORMER_MODELS)
-register_checkpoint_filter(VISFORMER_V1, checkpoint_filter_fn)
-register_pretrained_cfg_overlay(VISFORMER_V1, crop_pct=0.875)
+globals().update(take_over_timm_models(
+    __name__, _VARIANT_ARGS, _create_visformer,
+    "timm's configuration, at any input size, with ``window_size`` and ``stride2_feature``.",
+    checkpoint_filter=checkpoint_filter_fn, cfg_overlay={"crop_pct": 0.875}))

@@ -30,7 +30,7 @@ Adapted for lowformer on timm's Visformer blocks.
 from __future__ import annotations
 
 import re
-from typing import Any, List, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -40,21 +40,20 @@ from timm.layers import (
     DropPath,
     PatchEmbed,
     calculate_drop_path_rates,
-    create_classifier,
-    get_device_dtype,
     register_notrace_function,
     resample_abs_pos_embed_nhwc,
     to_2tuple,
     trunc_normal_,
 )
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import get_relative_position_index
 from timm.models.visformer import SpatialMlp
 
+from lowformer.models._api import FeatureTaps, StagedModel
 from lowformer.models._dense import check_output_stride, default_out_indices, pad_to_multiple, select_taps
+from lowformer.models._registry import record
 
-__all__ = ["VisformerV2"]
+__all__ = ["NumberedStages", "VisformerV2"]
 
 # Window size of each stage, hard-wired in the original; a stage whose map is not larger uses one window.
 _WINDOWS = (56, 28, 14, 7)
@@ -229,7 +228,35 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VisformerV2(nn.Module):
+class NumberedStages(FeatureTaps):
+    """The stage hooks of ``FeatureTaps`` for Visformer (V1 and V2), whose stages are the attributes
+    ``patch_embed{i}``, ``pos_embed{i}`` and ``stage{i}`` (timm's keys) rather than one sequence; a pruned
+    stage has no patch embedding."""
+
+    stage_numbers: Tuple[int, ...] = (0, 1, 2, 3)
+
+    def _stage_count(self) -> int:
+        return sum(getattr(self, f'patch_embed{i}') is not None for i in self.stage_numbers)
+
+    def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        i = self.stage_numbers[index]
+        x = getattr(self, f'patch_embed{i}')(x)
+        pos_embed = getattr(self, f'pos_embed{i}')
+        if pos_embed is not None:
+            x = self.pos_drop(add_pos_embed(x, pos_embed))
+        stage = getattr(self, f'stage{i}')
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def _keep_stages(self, count: int) -> None:
+        for i in self.stage_numbers[count:]:
+            setattr(self, f'patch_embed{i}', None)
+            setattr(self, f'pos_embed{i}', None)
+            setattr(self, f'stage{i}', nn.Sequential())
+
+
+class VisformerV2(NumberedStages, StagedModel):
     """Visformer V2: stem, then four stages of [strided patch embedding, absolute position embedding,
     blocks], final BatchNorm, average pool, linear head. Everything stays NCHW.
 
@@ -286,11 +313,9 @@ class VisformerV2(nn.Module):
         check_output_stride("Visformer V2", output_stride)
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
         self.qk_scale = qk_scale
-        self.grad_checkpointing = False
         dpr = calculate_drop_path_rates(drop_path_rate, sum(depth))
         widths = (embed_dim // 4, embed_dim // 2, embed_dim, embed_dim * 2)
 
@@ -324,11 +349,9 @@ class VisformerV2(nn.Module):
             ]))
             taps.append(dict(num_chs=width, reduction=2 ** (i + 2), module=f'stage{i}'))
             in_chs, first = width, first + n
-        self.feature_info, self.tap_offset = select_taps(taps, stride2_feature)
-        self.num_features = self.head_hidden_size = widths[-1]
-        self.norm = norm_layer(self.num_features, **dd)
-        self.global_pool, self.head = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
+        self.feature_info, self.first_tap = select_taps(taps, stride2_feature)
+        self.norm = norm_layer(widths[-1], **dd)
+        self._init_head(widths[-1], num_classes, global_pool, drop_rate, **dd)
 
         for i in range(4):
             trunc_normal_(getattr(self, f'pos_embed{i}'), std=.02)
@@ -354,99 +377,6 @@ class VisformerV2(nn.Module):
                 (r'^norm', (99999,)),
             ],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.head = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **get_device_dtype(self))
-
-    @torch.jit.ignore
-    def _stages(self) -> List[Tuple[Optional[nn.Module], Optional[torch.Tensor], nn.Module]]:
-        """(patch embedding, position embedding, blocks) of each stage that pruning left."""
-        return [(getattr(self, f'patch_embed{i}'), getattr(self, f'pos_embed{i}'), getattr(self, f'stage{i}'))
-                for i in range(4) if getattr(self, f'patch_embed{i}') is not None]
-
-    @torch.jit.ignore
-    def _run_stage(self, x: torch.Tensor, patch_embed: nn.Module, pos_embed: torch.Tensor,
-                   stage: nn.Module) -> torch.Tensor:
-        x = self.pos_drop(add_pos_embed(patch_embed(x), pos_embed))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(stage, x)
-        return stage(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates.
-
-        Args:
-            x: input images.
-            indices: take the last n taps if int, all if None, those listed if a sequence; taps are the
-                stages 0-3 (strides 4-32), after the stem (stride 2) with ``stride2_feature``.
-            norm: apply the final norm to the last intermediate.
-            stop_early: stop after the last requested intermediate.
-            output_fmt: only 'NCHW'.
-            intermediates_only: return the intermediates only.
-        """
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        offset = self.tap_offset
-        last_tap = len(self.feature_info) - 1
-        stages = self._stages()
-        if stop_early and not torch.jit.is_scripting():
-            stages = stages[:max_index + offset]
-        intermediates = []
-        x = self.stem(x)
-        if offset == 0 and 0 in take_indices:
-            intermediates.append(x)
-        for i, (patch_embed, pos_embed, blocks) in enumerate(stages):
-            x = self._run_stage(x, patch_embed, pos_embed, blocks)
-            tap = i + 1 - offset
-            if tap in take_indices:
-                intermediates.append(self.norm(x) if norm and tap == last_tap else x)
-        if intermediates_only:
-            return intermediates
-        if len(stages) == 4:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Remove the stages after the last of ``indices`` (and the norm / head when asked)."""
-        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
-        keep = max_index + self.tap_offset
-        for i in range(keep, 4):
-            setattr(self, f'patch_embed{i}', None)
-            setattr(self, f'pos_embed{i}', None)
-            setattr(self, f'stage{i}', nn.Sequential())
-        prune_end = keep < 4
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # stage by stage (pruned ones are None), as TorchScript takes no module arguments
@@ -477,11 +407,9 @@ class VisformerV2(nn.Module):
                 x = self.stage3(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.head(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # defined here so fx's tracer treats this module's helpers (add_pos_embed, windows) as leaf functions:
+        # it wraps them in the globals of the traced forward's module
         return self.forward_head(self.forward_features(x))
 
 
@@ -534,6 +462,7 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+@record()
 @register_model
 def visformer_tiny_v2(pretrained: bool = False, **kwargs: Any) -> VisformerV2:
     """Visformer-Ti V2 (the original's ``swin_visformer_tiny_v2``), 9.4M params."""
@@ -541,6 +470,7 @@ def visformer_tiny_v2(pretrained: bool = False, **kwargs: Any) -> VisformerV2:
     return _create_visformer_v2('visformer_tiny_v2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record()
 @register_model
 def visformer_small_v2(pretrained: bool = False, **kwargs: Any) -> VisformerV2:
     """Visformer-S V2 (the original's ``swin_visformer_small_v2``), 23.6M params."""

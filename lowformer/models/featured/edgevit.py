@@ -26,10 +26,10 @@ import torch.nn as nn
 from timm.layers import ConvMlp, DropPath, LayerNorm2d, Mlp, calculate_drop_path_rates, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._api import StagedModel, init_linear
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import featured_cfg
-from lowformer.models.featured._pyramid import PyramidClassifier, Stage, map_self_attention
+from lowformer.models._registry import record
+from lowformer.models.featured._base import Stage, featured_cfg, map_self_attention
 
 __all__ = ['EdgeVit']
 
@@ -200,7 +200,7 @@ class LGLBlock(nn.Module):
         return self.global_agg(self.local_agg(x))
 
 
-class EdgeVit(PyramidClassifier):
+class EdgeVit(StagedModel):
     """EdgeViT: a 4x4 patch stem and four stages of local-global-local blocks, BatchNorm head."""
 
     def __init__(
@@ -246,7 +246,6 @@ class EdgeVit(PyramidClassifier):
         dd = {'device': device, 'dtype': dtype}
         self.in_chans = in_chans
         self.img_size = img_size
-        self.feature_info = []
 
         self.stem = PatchEmbed(in_chans, embed_dims[0], 4, **dd)
         dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
@@ -267,9 +266,9 @@ class EdgeVit(PyramidClassifier):
             prev_dim = dim
         self.stages = nn.Sequential(*stages)
 
-        self.init_head(
-            embed_dims[-1], nn.BatchNorm2d(embed_dims[-1], **dd), num_classes, global_pool, drop_rate, **dd)
-        self.apply(self.init_linear)
+        self.norm = nn.BatchNorm2d(embed_dims[-1], **dd)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate, **dd)
+        self.apply(init_linear)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -309,6 +308,7 @@ def _create_edgevit(variant: str, pretrained: bool = False, **kwargs: Any) -> Ed
     )
 
 
+@record(aliases=('edgevitxxs',))
 @register_model
 def edgevit_xxs(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     """EdgeViT-XXS, 4.07 M params."""
@@ -316,6 +316,7 @@ def edgevit_xxs(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     return _create_edgevit('edgevit_xxs', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('edgevitxs',))
 @register_model
 def edgevit_xs(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     """EdgeViT-XS, 6.77 M params."""
@@ -323,11 +324,9 @@ def edgevit_xs(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     return _create_edgevit('edgevit_xs', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('edgevits',))
 @register_model
 def edgevit_s(pretrained: bool = False, **kwargs: Any) -> EdgeVit:
     """EdgeViT-S."""
     model_args = dict(depths=(1, 2, 5, 3), embed_dims=(48, 96, 240, 384), head_dim=48)
     return _create_edgevit('edgevit_s', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-register_aliases({'edgevitxxs': 'edgevit_xxs', 'edgevitxs': 'edgevit_xs', 'edgevits': 'edgevit_s'})

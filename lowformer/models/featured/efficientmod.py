@@ -21,13 +21,14 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention, DropPath, LayerNorm2d, LayerScale, calculate_drop_path_rates, trunc_normal_
+from timm.layers import Attention, DropPath, LayerNorm2d, LayerScale, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
+from lowformer.models._api import StagedModel, init_linear
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import StagedNet, featured_cfg
+from lowformer.models._registry import record
+from lowformer.models.featured._base import featured_cfg
 
 __all__ = ["EfficientMod"]
 
@@ -124,7 +125,7 @@ class EfficientModStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class EfficientMod(StagedNet):
+class EfficientMod(StagedModel):
     """EfficientMod: four stages of modulation blocks, later ones followed by attention blocks.
 
     Args:
@@ -163,7 +164,7 @@ class EfficientMod(StagedNet):
             act_layer: type[nn.Module] = nn.GELU,
             norm_layer: type[nn.Module] = nn.LayerNorm,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__()
         self.stem = ConvNorm(in_chans, embed_dims[0], 7, 4)
         # per block, rising over the whole network; returned split by stage
         dpr = calculate_drop_path_rates(drop_path_rate, [d + a for d, a in zip(depths, attn_depths)],
@@ -177,17 +178,9 @@ class EfficientMod(StagedNet):
             in_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = LayerNorm2d(self.num_features, eps=1e-5)
-        self._init_pool(global_pool, drop_rate)
-        self.head = self._make_head(self.num_features, num_classes)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.norm = LayerNorm2d(embed_dims[-1], eps=1e-5)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate)
+        self.apply(init_linear)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -247,6 +240,8 @@ def _create_efficientmod(variant: str, pretrained: bool = False, **kwargs: Any) 
     )
 
 
+# aliases: the names the original benchmark (`eval_cls_model.py --other`) accepts
+@record(aliases=("efficientmodxxs",))
 @register_model
 def efficientmod_xxs(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     """EfficientMod-XXS (4.7M)."""
@@ -255,6 +250,7 @@ def efficientmod_xxs(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     return _create_efficientmod("efficientmod_xxs", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("efficientmodxs",))
 @register_model
 def efficientmod_xs(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     """EfficientMod-XS (6.6M)."""
@@ -263,6 +259,7 @@ def efficientmod_xs(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     return _create_efficientmod("efficientmod_xs", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("efficientmods",))
 @register_model
 def efficientmod_s(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     """EfficientMod-S (12.9M); its last stage's attention MLPs have ratio 5."""
@@ -271,14 +268,10 @@ def efficientmod_s(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     return _create_efficientmod("efficientmod_s", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("efficientmods_Conv",))
 @register_model
 def efficientmod_s_conv(pretrained: bool = False, **kwargs: Any) -> EfficientMod:
     """EfficientMod-S-Conv: modulation blocks only, no attention."""
     model_args = dict(embed_dims=(40, 80, 160, 344), depths=(4, 4, 12, 8), attn_depths=(0, 0, 0, 0),
                       expansions=((1, 6),) * 4)
     return _create_efficientmod("efficientmod_s_conv", pretrained, **dict(model_args, **kwargs))
-
-
-# The names the original benchmark (`eval_cls_model.py --other`) accepts.
-register_aliases({"efficientmodxxs": "efficientmod_xxs", "efficientmodxs": "efficientmod_xs",
-                  "efficientmods": "efficientmod_s", "efficientmods_Conv": "efficientmod_s_conv"})

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath, calculate_drop_path_rates, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._api import StagedModel, init_linear
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import featured_cfg
-from lowformer.models.featured._pyramid import PyramidClassifier, Stage
+from lowformer.models._registry import record
+from lowformer.models.featured._base import Stage, featured_cfg
 
 __all__ = ['FAT']
 
@@ -161,7 +161,7 @@ class FATBlock(nn.Module):
         return self.downsample(x) + self.drop_path(self.ffn(self.norm2(x)))
 
 
-class FAT(PyramidClassifier):
+class FAT(StagedModel):
     """FAT: conv stem, four stages of FAT blocks (the last block of stages 1-3 halves the resolution and
     widens to the next stage), GroupNorm(1) head."""
 
@@ -204,6 +204,7 @@ class FAT(PyramidClassifier):
 
         self.stem = Stem(in_chans, embed_dims[0], **dd)
         self.feature_info = [dict(num_chs=embed_dims[0], reduction=4, module='stem')]
+        self.first_tap = 0  # the stem is the only map at stride 4
         dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
         num_stages = len(depths)
         stages = []
@@ -224,9 +225,9 @@ class FAT(PyramidClassifier):
             self.feature_info.append(dict(num_chs=out_dim, reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.init_head(
-            embed_dims[-1], nn.GroupNorm(1, embed_dims[-1], **dd), num_classes, global_pool, drop_rate, **dd)
-        self.apply(self.init_linear)
+        self.norm = nn.GroupNorm(1, embed_dims[-1], **dd)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate, **dd)
+        self.apply(init_linear)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -265,6 +266,8 @@ def _create_fat(variant: str, pretrained: bool = False, **kwargs: Any) -> FAT:
     )
 
 
+# aliases: `FATb*` is what the original dispatcher accepts; `fatb0` is the spelling in its featured list
+@record(aliases=('FATb0', 'fatb0'))
 @register_model
 def fat_b0(pretrained: bool = False, **kwargs: Any) -> FAT:
     """FAT-B0, 4.49 M params."""
@@ -272,6 +275,7 @@ def fat_b0(pretrained: bool = False, **kwargs: Any) -> FAT:
     return _create_fat('fat_b0', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('FATb1', 'fatb1'))
 @register_model
 def fat_b1(pretrained: bool = False, **kwargs: Any) -> FAT:
     """FAT-B1, 7.82 M params."""
@@ -279,6 +283,7 @@ def fat_b1(pretrained: bool = False, **kwargs: Any) -> FAT:
     return _create_fat('fat_b1', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('FATb2', 'fatb2'))
 @register_model
 def fat_b2(pretrained: bool = False, **kwargs: Any) -> FAT:
     """FAT-B2."""
@@ -286,12 +291,9 @@ def fat_b2(pretrained: bool = False, **kwargs: Any) -> FAT:
     return _create_fat('fat_b2', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=('FATb3', 'fatb3'))
 @register_model
 def fat_b3(pretrained: bool = False, **kwargs: Any) -> FAT:
     """FAT-B3."""
     model_args = dict(embed_dims=(64, 128, 256, 512), depths=(4, 4, 16, 4), num_heads=(2, 4, 8, 16))
     return _create_fat('fat_b3', pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-# `FATb*` is what the original dispatcher accepts; `fatb0` is the spelling in its featured list
-register_aliases({f'{prefix}b{i}': f'fat_b{i}' for prefix in ('FAT', 'fat') for i in range(4)})

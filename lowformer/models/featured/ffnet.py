@@ -27,9 +27,10 @@ from timm.layers import DropPath, LayerScale2d, calculate_drop_path_rates, trunc
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from lowformer.models._api import StagedModel
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import StagedNet, featured_cfg, rename_prefix
+from lowformer.models._registry import record
+from lowformer.models.featured._base import Stage, featured_cfg, rename_prefix
 
 __all__ = ["FFNet"]
 
@@ -193,17 +194,7 @@ class PatchMerge(nn.Module):
         return self.pw(self.dw(x))
 
 
-class FFNetStage(nn.Module):
-    def __init__(self, in_chs: int, dim: int, blocks: list[nn.Module], downsample: bool) -> None:
-        super().__init__()
-        self.downsample = PatchMerge(in_chs, dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
-
-
-class FFNet(StagedNet):
+class FFNet(StagedModel):
     """FFNet: Conv-BN stem (stride 4), four stages of FFNified-attention blocks, BatchNorm, pool, linear.
 
     Args:
@@ -238,7 +229,7 @@ class FFNet(StagedNet):
             drop_path_rate: float = 0.0,
             act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__()
         self.stem = nn.Sequential(ConvBn(in_chans, stem_dim, 3, 2), act_layer(), ConvBn(stem_dim, embed_dims[0], 3, 2))
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         stages = []
@@ -246,14 +237,12 @@ class FFNet(StagedNet):
         for i, dim in enumerate(embed_dims):
             blocks = [FFBlock(dim, kernel_sizes[i], kernel_sizes1[i], kernel_sizes2[i], expansions[i],
                               layer_scale_init_value, dpr[i][j], act_layer) for j in range(depths[i])]
-            stages.append(FFNetStage(in_chs, dim, blocks, downsample=i > 0))
+            stages.append(Stage(blocks, PatchMerge(in_chs, dim) if i > 0 else None))
             in_chs = dim
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = nn.BatchNorm2d(self.num_features)
-        self._init_pool(global_pool, drop_rate)
-        self.head = self._make_head(self.num_features, num_classes)
+        self.norm = nn.BatchNorm2d(embed_dims[-1])
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -328,6 +317,8 @@ def _create_ffnet(variant: str, pretrained: bool = False, **kwargs: Any) -> FFNe
     )
 
 
+# aliases: the names the original benchmark (`eval_cls_model.py --other`) accepts; FFNet-3/4 crash there
+@record(aliases=("ffnet1",))
 @register_model
 def ffnet_1(pretrained: bool = False, **kwargs: Any) -> FFNet:
     """FFNet-1 (13.8M): 3x3 channel-mixer depthwise convs."""
@@ -335,6 +326,7 @@ def ffnet_1(pretrained: bool = False, **kwargs: Any) -> FFNet:
     return _create_ffnet("ffnet_1", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("ffnet2",))
 @register_model
 def ffnet_2(pretrained: bool = False, **kwargs: Any) -> FFNet:
     """FFNet-2 (27.2M)."""
@@ -342,6 +334,7 @@ def ffnet_2(pretrained: bool = False, **kwargs: Any) -> FFNet:
     return _create_ffnet("ffnet_2", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("ffnet3",))
 @register_model
 def ffnet_3(pretrained: bool = False, **kwargs: Any) -> FFNet:
     """FFNet-3, with layer scale."""
@@ -350,13 +343,10 @@ def ffnet_3(pretrained: bool = False, **kwargs: Any) -> FFNet:
     return _create_ffnet("ffnet_3", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("ffnet4",))
 @register_model
 def ffnet_4(pretrained: bool = False, **kwargs: Any) -> FFNet:
     """FFNet-4, with layer scale."""
     model_args = dict(embed_dims=(128, 256, 512, 1024), depths=(4, 4, 27, 3), kernel_sizes=(7, 7, 7, 7),
                       layer_scale_init_value=1e-6)
     return _create_ffnet("ffnet_4", pretrained, **dict(model_args, **kwargs))
-
-
-# The names the original benchmark (`eval_cls_model.py --other`) accepts; FFNet-3/4 crash there.
-register_aliases({"ffnet1": "ffnet_1", "ffnet2": "ffnet_2", "ffnet3": "ffnet_3", "ffnet4": "ffnet_4"})

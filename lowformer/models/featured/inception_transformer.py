@@ -40,10 +40,10 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._api import StagedModel
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import featured_cfg
-from lowformer.models.featured._pyramid import PyramidClassifier, Stage, map_self_attention
+from lowformer.models._registry import record
+from lowformer.models.featured._base import Stage, featured_cfg, map_self_attention
 
 __all__ = ['InceptionTransformer']
 
@@ -232,10 +232,10 @@ class InceptionTransformerStage(Stage):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x).permute(0, 2, 3, 1)
         x = x + resize_pos_table(self.pos_embed, (x.shape[1], x.shape[2]))
-        return self.run_blocks(x).permute(0, 3, 1, 2)
+        return self.blocks(x).permute(0, 3, 1, 2)
 
 
-class InceptionTransformer(PyramidClassifier):
+class InceptionTransformer(StagedModel):
     """Inception Transformer: conv stem, four stages of inception-mixer blocks with absolute position
     tables; the head normalises every position (LayerNorm over channels) before it averages them."""
 
@@ -293,7 +293,6 @@ class InceptionTransformer(PyramidClassifier):
 
         self.stem = Stem(in_chans, embed_dims[0], **dd)
         dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))
-        self.feature_info = []
         stages = []
         for i, depth in enumerate(depths):
             reduction = 4 * 2 ** i
@@ -312,8 +311,8 @@ class InceptionTransformer(PyramidClassifier):
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
 
-        self.init_head(
-            embed_dims[-1], LayerNorm2d(embed_dims[-1], eps=1e-6, **dd), num_classes, global_pool, drop_rate, **dd)
+        self.norm = LayerNorm2d(embed_dims[-1], eps=1e-6, **dd)
+        self._init_head(embed_dims[-1], num_classes, global_pool, drop_rate, **dd)
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -394,24 +393,29 @@ _LARGE = dict(embed_dims=(96, 192, 448, 640), depths=(4, 6, 18, 8),
               attention_heads=(1,) * 4 + (3,) * 6 + (10,) * 9 + (12,) * 9 + (19,) * 8)
 
 
+# aliases: the original's `--other` names; `iformers` is the (broken in the original) spelling of its featured list
+@record(aliases=('iformers', 'iformersmall'))
 @register_model
 def inception_transformer_small(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer small (iFormer-S), 19.87 M params."""
     return _create_inception_transformer('inception_transformer_small', pretrained, **dict(_SMALL, **kwargs))
 
 
+@record(aliases=('iformerbase',))
 @register_model
 def inception_transformer_base(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer base (iFormer-B), 47.87 M params."""
     return _create_inception_transformer('inception_transformer_base', pretrained, **dict(_BASE, **kwargs))
 
 
+@record(aliases=('iformerlarge',))
 @register_model
 def inception_transformer_large(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer large (iFormer-L)."""
     return _create_inception_transformer('inception_transformer_large', pretrained, **dict(_LARGE, **kwargs))
 
 
+@record(aliases=('iformersmall_384',))
 @register_model
 def inception_transformer_small_384(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer small with position tables for 384x384."""
@@ -419,6 +423,7 @@ def inception_transformer_small_384(pretrained: bool = False, **kwargs: Any) -> 
         'inception_transformer_small_384', pretrained, **dict(dict(_SMALL, img_size=384), **kwargs))
 
 
+@record(aliases=('iformerbase_384',))
 @register_model
 def inception_transformer_base_384(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer base with position tables for 384x384."""
@@ -426,16 +431,9 @@ def inception_transformer_base_384(pretrained: bool = False, **kwargs: Any) -> I
         'inception_transformer_base_384', pretrained, **dict(dict(_BASE, img_size=384), **kwargs))
 
 
+@record(aliases=('iformerlarge_384',))
 @register_model
 def inception_transformer_large_384(pretrained: bool = False, **kwargs: Any) -> InceptionTransformer:
     """Inception Transformer large with position tables for 384x384."""
     return _create_inception_transformer(
         'inception_transformer_large_384', pretrained, **dict(dict(_LARGE, img_size=384), **kwargs))
-
-
-# the original's `--other` names; `iformers` is the (broken in the original) spelling of its featured list
-register_aliases({
-    'iformers': 'inception_transformer_small',
-    **{f'iformer{size}{res}': f'inception_transformer_{size}{res}'
-       for size in ('small', 'base', 'large') for res in ('', '_384')},
-})

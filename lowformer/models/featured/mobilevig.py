@@ -32,9 +32,10 @@ from timm.layers import (
 from timm.layers._fx import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from lowformer.models._api import StagedModel
 from lowformer.models._dense import check_output_stride
-from lowformer.models._registry import register_aliases
-from lowformer.models.featured._base import StagedNet, featured_cfg, rename_prefix
+from lowformer.models._registry import record
+from lowformer.models.featured._base import Stage, featured_cfg, rename_prefix
 
 __all__ = ["MobileViG"]
 
@@ -118,19 +119,12 @@ class GraphBlock(nn.Module):
         return x + self.drop_path(self.ffn(x))
 
 
-class MobileViGStage(nn.Module):
-    """Optional 3x3 stride-2 conv + BN, then blocks."""
-
-    def __init__(self, in_chs: int, dim: int, blocks: list[nn.Module], downsample: bool) -> None:
-        super().__init__()
-        self.downsample = ConvNormAct(in_chs, dim, 3, 2, bias=True, apply_act=False) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+def _downsample(in_chs: int, dim: int) -> nn.Module:
+    """A stage's entry: 3x3 stride-2 conv + BN."""
+    return ConvNormAct(in_chs, dim, 3, 2, bias=True, apply_act=False)
 
 
-class MobileViG(StagedNet):
+class MobileViG(StagedModel):
     """MobileViG: conv stem (stride 4), three inverted-residual stages, one SVGA stage at stride 32, and a
     head of pool -> 1x1 conv + BN + GELU -> linear classifier.
 
@@ -148,7 +142,7 @@ class MobileViG(StagedNet):
         act_layer: activation.
     """
 
-    _pool_flatten = False
+    pool_flatten = False
 
     def __init__(
             self,
@@ -166,7 +160,7 @@ class MobileViG(StagedNet):
             drop_path_rate: float = 0.0,
             act_layer: type[nn.Module] = nn.GELU,
     ) -> None:
-        super().__init__(num_classes)
+        super().__init__()
         self.stem = nn.Sequential(
             ConvNormAct(in_chans, local_dims[0] // 2, 3, 2, bias=True, act_layer=act_layer),
             ConvNormAct(local_dims[0] // 2, local_dims[0], 3, 2, bias=True, act_layer=act_layer),
@@ -176,20 +170,17 @@ class MobileViG(StagedNet):
         in_chs = local_dims[0]
         for i, (dim, depth) in enumerate(zip(local_dims, local_depths)):
             blocks = [InvertedResidual(dim, 4.0, layer_scale_init_value, dpr[i][j], act_layer) for j in range(depth)]
-            stages.append(MobileViGStage(in_chs, dim, blocks, downsample=i > 0))
+            stages.append(Stage(blocks, _downsample(in_chs, dim) if i > 0 else None))
             in_chs = dim
         graph_blocks = [GraphBlock(global_dim, hop, dpr[-1][j], act_layer) for j in range(global_depth)]
-        stages.append(MobileViGStage(in_chs, global_dim, graph_blocks, downsample=True))
+        stages.append(Stage(graph_blocks, _downsample(in_chs, global_dim)))
         self.stages = nn.Sequential(*stages)
         for i, dim in enumerate([*local_dims, global_dim]):
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
-        self.num_features = global_dim
-        self.head_hidden_size = head_dim
         self.norm = nn.Identity()
-        self._init_pool(global_pool, drop_rate)
         self.conv_head = nn.Conv2d(global_dim, head_dim, 1)
         self.norm_head = BatchNormAct2d(head_dim, act_layer=act_layer)
-        self.head = self._make_head(head_dim, num_classes)
+        self._init_head(global_dim, num_classes, global_pool, drop_rate, head_hidden_size=head_dim)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module) -> None:
@@ -290,6 +281,8 @@ def _create_mobilevig(variant: str, pretrained: bool = False, **kwargs: Any) -> 
     )
 
 
+# aliases: the names the original benchmark (`eval_cls_model.py --other`) accepts
+@record(aliases=("mobilevigti",))
 @register_model
 def mobilevig_ti(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-Ti (4.8M)."""
@@ -298,6 +291,7 @@ def mobilevig_ti(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     return _create_mobilevig("mobilevig_ti", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("mobilevigs",))
 @register_model
 def mobilevig_s(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-S."""
@@ -306,6 +300,7 @@ def mobilevig_s(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     return _create_mobilevig("mobilevig_s", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("mobilevigm",))
 @register_model
 def mobilevig_m(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-M (13.3M)."""
@@ -314,14 +309,10 @@ def mobilevig_m(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     return _create_mobilevig("mobilevig_m", pretrained, **dict(model_args, **kwargs))
 
 
+@record(aliases=("mobilevigb",))
 @register_model
 def mobilevig_b(pretrained: bool = False, **kwargs: Any) -> MobileViG:
     """MobileViG-B."""
     model_args = dict(local_dims=(42, 84, 240), local_depths=(5, 5, 15), global_dim=464, global_depth=5,
                       head_dim=768)
     return _create_mobilevig("mobilevig_b", pretrained, **dict(model_args, **kwargs))
-
-
-# The names the original benchmark (`eval_cls_model.py --other`) accepts.
-register_aliases({"mobilevigti": "mobilevig_ti", "mobilevigs": "mobilevig_s", "mobilevigm": "mobilevig_m",
-                  "mobilevigb": "mobilevig_b"})

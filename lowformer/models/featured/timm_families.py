@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import timm
 
-from lowformer.models._registry import register_aliases, register_project_models
+from lowformer.models._registry import ModelRecord, register_record
 
 __all__ = ["FEATURED_ALIASES", "FEATURED_EXAMPLES"]
 
@@ -49,5 +49,12 @@ FEATURED_EXAMPLES: Dict[str, str] = {
 # generic baseline, not one of the efficient backbones the project lists.
 _FEATURED_TIMM_MODELS = sorted(n for n in FEATURED_EXAMPLES.values() if timm.is_model(n) and n != "resnet50")
 
-register_aliases(FEATURED_ALIASES)
-register_project_models(_FEATURED_TIMM_MODELS)
+
+def _register() -> None:
+    """One record per timm model named here: its aliases, and listed when it is a featured example."""
+    for name in sorted(set(FEATURED_ALIASES.values()) | set(_FEATURED_TIMM_MODELS)):
+        aliases = tuple(a for a, target in FEATURED_ALIASES.items() if target == name)
+        register_record(ModelRecord(name, aliases=aliases, listed=name in _FEATURED_TIMM_MODELS))
+
+
+_register()
