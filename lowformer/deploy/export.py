@@ -99,6 +99,11 @@ def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precis
     fmt = EXPORT_FORMATS[format]
     if precision not in PRECISIONS:
         raise LowformerError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
+    from lowformer.dense import parse_dense_spec
+    spec = parse_dense_spec(name)
+    if spec is not None and spec.task == "detection" and (format, precision, deploy) != ("onnx", "fp32", False):
+        raise LowformerError(f"{name}: detectors export as fp32 ONNX only (--format onnx, no --precision int8, no "
+                             "--deploy): their post-processing runs in the graph, outside what those paths rewrite")
     out = check_output_path(out, fmt.suffixes, "--out")
     opset = check_opset(OPSET if opset is None else opset)
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
@@ -111,12 +116,7 @@ def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precis
     files = calibration_files(calibration, calibration_count) if precision == "int8" else []
     if precision != "int8" and calibration is not None:
         raise LowformerError("--calibration is used by --precision int8 only; add --precision int8 or leave it out")
-    from lowformer.dense import parse_dense_spec
-    spec = parse_dense_spec(name)
     resolve_model_name(name if spec is None else spec.backbone)
-    if spec is not None and spec.task == "detection" and (format, precision, deploy) != ("onnx", "fp32", False):
-        raise LowformerError(f"{name}: detectors export as fp32 ONNX only (--format onnx, no --precision int8, no "
-                             "--deploy): their post-processing runs in the graph, outside what those paths rewrite")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise LowformerError(f"--checkpoint {checkpoint}: no such file")
 
