@@ -280,7 +280,8 @@ def create_detector(
         checkpoint_path / pretrained: classification weights for the backbone (any layout
             ``lowformer.load_checkpoint`` reads); never downloads.
         frozen_stages / freeze_bn: see :class:`lowformer.dense.DenseBackbone`.
-        **settings: :class:`DetectorConfig` fields overriding the preset.
+        **settings: :class:`DetectorConfig` fields overriding the preset (``backbone_kwargs`` update the
+            preset's backbone arguments key by key).
     """
     if arch not in ARCHS:
         raise DetectorError(f"unknown detector '{arch}': choose one of {', '.join(ARCHS)}")
@@ -296,6 +297,8 @@ def create_detector(
     unknown = sorted(set(settings) - set(DetectorConfig.__dataclass_fields__))
     if unknown:
         raise DetectorError(f"unknown detector setting(s) {unknown}: valid ones are the DetectorConfig fields")
+    if "backbone_kwargs" in settings:  # added to the preset's (Visformer's windows stay when drop path is set)
+        settings["backbone_kwargs"] = {**cfg.backbone_kwargs, **settings["backbone_kwargs"]}
     cfg = replace(cfg, **settings)
     body = DenseBackbone(backbone, strides=cfg.strides, checkpoint_path=checkpoint_path, pretrained=pretrained,
                          frozen_stages=frozen_stages, freeze_bn=freeze_bn, **cfg.backbone_kwargs)
