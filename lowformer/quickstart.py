@@ -23,11 +23,15 @@ __all__ = ["quickstart", "format_model_table"]
 
 
 def format_model_table(rows: list[dict]) -> str:
-    """``model_complexity`` records as a fixed-width table: params, MACs, resolution."""
-    lines = [f"{'model':<32} {'params (M)':>10} {'MACs (M)':>10} {'resolution':>10}"]
+    """``model_complexity`` records as a fixed-width table: params, MACs, resolution, and mmcv's "FLOPs"
+    (the seeds' convention) when a record has them (detectors, segmenters)."""
+    mmcv = any("mmcv_flops" in r for r in rows)
+    lines = [f"{'model':<32} {'params (M)':>10} {'MACs (M)':>10} {'resolution':>10}"
+             + (f" {'mmcv FLOPs (M)':>15}" if mmcv else "")]
     for r in rows:
+        extra = f" {r['mmcv_flops'] / 1e6:>15.1f}" if r.get("mmcv_flops") is not None else ""
         lines.append(f"{r['model']:<32} {r['params'] / 1e6:>10.2f} {r['macs'] / 1e6:>10.1f} "
-                     f"{r.get('image_width', r['image_size']):>6}x{r['image_size']:<3}")
+                     f"{r.get('image_width', r['image_size']):>6}x{r['image_size']:<3}" + extra)
     return "\n".join(lines)
 
 

@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ from lowformer.checkpoints import read_checkpoint
 from lowformer.data.datasets import resolution_batch_sampler
 from lowformer.train import TrainingDiverged, load_config, train
 from lowformer.train.setup import LowformerCosineScheduler, build_model, no_weight_decay_groups
+from torchrun import run_torchrun
 
 CIFAR = Path(__file__).parents[1] / "lowformer" / "assets" / "cifar10-mini"
 
@@ -176,18 +173,9 @@ def test_two_process_torchrun_equals_one_process_on_the_union_batch(tmp_path):
     gradient. A model without batch statistics, augmentation off."""
     data = make_data(tmp_path / "data", classes=2, train=4, val=1)
     flat = _flatten({**DDP_RECIPE, "data_provider": {**DDP_RECIPE["data_provider"], "data_dir": str(data)}})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lowformer",
-           "train", "configs/cls/imagenet/b1.yaml", "--path", str(tmp_path / "ddp"), "--no-progress", *flat]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=Path(__file__).parents[1], start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too
-        proc.communicate()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    proc = run_torchrun(["train", "configs/cls/imagenet/b1.yaml", "--path", str(tmp_path / "ddp"), "--no-progress",
+                         *flat])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads((tmp_path / "ddp/summary.json").read_text())
     assert ddp["world_size"] == 2 and ddp["rank_param_max_diff"] == 0.0 and ddp["peak_lr"] == pytest.approx(0.2)
 

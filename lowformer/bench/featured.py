@@ -24,12 +24,13 @@ def build_model(name: str, deploy: bool = True, seed: int = 0) -> nn.Module:
     ``deploy`` applies timm's ``reparameterize_model`` walk (through :func:`lowformer.deploy.reparameterize`),
     folding the multi-branch blocks of the families that declare ``reparameterize()`` / ``fuse()``
     (FastViT, MobileOne, RepViT, SHViT, EfficientViT-M) and leaving the others unchanged, so every family is
-    timed in the form it is deployed in."""
+    timed in the form it is deployed in. A detector or segmenter ``ARCH:BACKBONE``
+    (:mod:`lowformer.dense.spec`) is built the same way."""
+    from lowformer.dense import dense_model_from_spec, is_dense_spec
     from lowformer.deploy import reparameterize
-    from lowformer.segmentation import is_segmenter_spec, segmenter_from_spec
     torch.manual_seed(seed)
-    if is_segmenter_spec(name):  # "ARCH:BACKBONE", a segmenter with ADE20K's 150 classes
-        model = segmenter_from_spec(name).eval()
+    if is_dense_spec(name):  # "ARCH:BACKBONE": a detector (COCO's 80 classes) or segmenter (ADE20K's 150)
+        model = dense_model_from_spec(name).eval()
         return reparameterize(model) if deploy else model
     registry_name = resolve_model_name(name)
     try:

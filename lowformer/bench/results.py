@@ -17,8 +17,8 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 # Column order of the CSV (JSON records carry the same keys, plus backend-specific extras).
 RECORD_FIELDS = [
-    "model", "registry_name", "backend", "mode", "batch_size", "image_size", "device", "device_type", "threads",
-    "torch_version", "timm_version", "load_avg_1m", "omp_wait_policy", "amp", "deployed", "median_ms", "min_ms",
+    "model", "registry_name", "backend", "mode", "batch_size", "image_size", "image_width", "device", "device_type",
+    "threads", "torch_version", "timm_version", "load_avg_1m", "omp_wait_policy", "amp", "deployed", "median_ms", "min_ms",
     "mean_ms", "iqr_ms", "samples", "calls_per_sample", "noisy", "images_per_s", "params", "macs",
     "max_abs_diff", "min_cosine", "lossy", "session_threads", "cpu_flags", "rounds", "job", "jobs",
 ]

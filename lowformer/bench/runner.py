@@ -36,12 +36,14 @@ _logger = logging.getLogger(__name__)
 @dataclass
 class BenchConfig:
     """What to measure. Lists are swept; ``batch_size=None`` picks the mode's default for the device and
-    ``threads=None`` the machine's threads shared out among ``jobs``; ``jobs > 1`` measures latency."""
+    ``threads=None`` the machine's threads shared out among ``jobs``; ``jobs > 1`` measures latency.
+    ``image_sizes=None`` times classifiers at 224x224 and each detector / segmenter ``ARCH:BACKBONE`` at its
+    test size (:func:`lowformer.dense.dense_test_size`); a given square size is used for every model."""
     models: list[str]
     device: str = "cpu"
     mode: str = "throughput"
     batch_size: int | None = None
-    image_sizes: list[int] = field(default_factory=lambda: [224])
+    image_sizes: list[int] | None = None
     threads: list[int] | None = None
     backends: list[str] = field(default_factory=lambda: ["eager"])
     iterations: int | None = None
@@ -58,9 +60,37 @@ class BenchConfig:
 
 
 def _registry_name(name: str) -> str:
-    """A model's registry name; a segmenter ``ARCH:BACKBONE`` is its own name."""
-    from lowformer.segmentation import is_segmenter_spec
-    return name if is_segmenter_spec(name) else resolve_model_name(name)
+    """A model's registry name; a detector or segmenter ``ARCH:BACKBONE`` is its own name (its backbone checked)."""
+    from lowformer.dense import parse_dense_spec
+    spec = parse_dense_spec(name)
+    if spec is not None:
+        resolve_model_name(spec.backbone)
+        return name
+    return resolve_model_name(name)
+
+
+# Detectors return per-image dicts after data-dependent post-processing, which the tracing and exporting
+# backends cannot take; `lowformer export` writes their ONNX graph.
+_DETECTOR_BACKENDS = ("eager", "channels_last")
+
+
+def _check_dense_backends(name: str, backends: Sequence[str]) -> None:
+    from lowformer.dense import parse_dense_spec
+    spec = parse_dense_spec(name)
+    if spec is not None and spec.task == "detection":
+        other = [b for b in backends if b not in _DETECTOR_BACKENDS]
+        if other:
+            raise LowformerError(f"{name}: detectors are timed with the {' or '.join(_DETECTOR_BACKENDS)} backend, "
+                                 f"not {other[0]} (their post-processing does not trace); export one to ONNX with "
+                                 f"`lowformer export {name} --format onnx --out FILE`")
+
+
+def _sizes(model: torch.nn.Module, image_sizes: list[int] | None) -> list[tuple[int, int]]:
+    """(height, width) to time ``model`` at: the given squares, else its test size (224 for a classifier)."""
+    from lowformer.dense import dense_test_size
+    if image_sizes:
+        return [(s, s) for s in image_sizes]
+    return [dense_test_size(model) or (224, 224)]
 
 
 def default_batch_size(mode: str, device: str) -> int:
@@ -92,9 +122,9 @@ def resolve(config: BenchConfig) -> BenchConfig:
     require_at_least(config.jobs, 1, "--jobs", "give at least 1 process")
     if config.batch_size is not None:
         require_at_least(config.batch_size, 1, "--batch-size", "give at least 1 (or leave it out for the mode's default)")
-    if not config.image_sizes:
+    if config.image_sizes is not None and not config.image_sizes:
         raise LowformerError("--image-size needs at least one size")
-    for size in config.image_sizes:
+    for size in config.image_sizes or []:
         require_at_least(size, 1, "--image-size", "give a side of at least 1 pixel")
     if config.threads is not None:
         if not config.threads:
@@ -117,6 +147,7 @@ def resolve(config: BenchConfig) -> BenchConfig:
         check_amp(device, config.amp, backend)
     for name in config.models:
         _registry_name(name)
+        _check_dense_backends(name, config.backends)
     mode = "latency" if config.jobs > 1 else config.mode
     threads = config.threads or [default_threads(config.jobs)]
     cpus = os.cpu_count() or 1
@@ -132,13 +163,15 @@ def _prepare_all(config: BenchConfig, device: torch.device) -> dict[tuple, tuple
 
     A backend that fixes its threads at creation (``owns_threads``: ONNX Runtime sessions) is prepared once per
     thread count; the others share one runner across thread counts (threads are set around each measurement)."""
+    from lowformer.dense import cost_module, set_dense_test_size
     prepared: dict[tuple, tuple[Prepared, dict[str, Any]]] = {}
     for name in config.models:
         model = build_model(name, deploy=config.deploy).to(device)
         params = count_params(model)
-        for size in config.image_sizes:
-            cost = {"params": params, "macs": count_macs(model, (3, size, size))}
-            x = torch.randn(config.batch_size, 3, size, size, device=device)
+        for size in _sizes(model, config.image_sizes):
+            set_dense_test_size(model, *size)
+            cost = {"params": params, "macs": count_macs(cost_module(model), (3, *size))}
+            x = torch.randn(config.batch_size, 3, *size, device=device)
             for backend in config.backends:
                 owns_threads = get_backend(backend).owns_threads
                 for threads in config.threads:
@@ -147,7 +180,7 @@ def _prepare_all(config: BenchConfig, device: torch.device) -> dict[tuple, tuple
                         if first in prepared:
                             prepared[(name, size, backend, threads)] = prepared[first]
                         continue
-                    _logger.info("preparing %s %dx%d batch %d on %s (%d threads)", name, size, size,
+                    _logger.info("preparing %s %dx%d batch %d on %s (%d threads)", name, size[1], size[0],
                                  config.batch_size, backend, threads)
                     try:
                         p = prepare(model, backend, x, threads=threads, amp=config.amp, opset=config.opset,
@@ -156,7 +189,7 @@ def _prepare_all(config: BenchConfig, device: torch.device) -> dict[tuple, tuple
                     except Exception as e:  # a backend that cannot take a model is a finding, not a crash
                         if not config.skip_failures:
                             raise
-                        _logger.warning("skipped %s on %s at %d: %s: %s", name, backend, size, type(e).__name__,
+                        _logger.warning("skipped %s on %s at %s: %s: %s", name, backend, size, type(e).__name__,
                                         (str(e).splitlines() or [""])[0])
                         continue
                     prepared[(name, size, backend, threads)] = (p, cost)
@@ -190,7 +223,7 @@ def run_benchmark(config: BenchConfig, barrier: Any = None, job: int | None = No
         timing = summarize(measured[key])
         records.append({
             "model": name, "registry_name": _registry_name(name), "backend": backend, "mode": config.mode,
-            "batch_size": config.batch_size, "image_size": size, "device": env["device"],
+            "batch_size": config.batch_size, "image_size": size[0], "image_width": size[1], "device": env["device"],
             "device_type": env["device_type"], "threads": threads, "torch_version": env["torch_version"],
             "timm_version": env["timm_version"], "load_avg_1m": loads[key], "omp_wait_policy": env["omp_wait_policy"],
             "cpu_flags": env["cpu_flags"], "amp": config.amp or "fp32", "deployed": config.deploy, **timing,

@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="time models: throughput or latency, several backends, sizes and thread counts",
         description="Time forward passes of models (project, timm or the original's --other names) with "
                     "warm-up excluded, median/min/IQR over samples, and params and MACs beside each figure.")
-    p.add_argument("models", nargs="*", metavar="MODEL", help="model names, e.g. lowformer_b1 fastvit_t8 mobileones1")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="model names, e.g. lowformer_b1 fastvit_t8 mobileones1, "
+                   "or detectors / segmenters as ARCH:BACKBONE, e.g. retinanet:lowformer_b0 upernet:dwnet_tiny "
+                   "(eval mode, a batch of --batch-size images)")
     p.add_argument("--other", action="append", default=[], metavar="NAME",
                    help="another backbone by the original's short name (repeatable; same as a MODEL)")
     device = p.add_mutually_exclusive_group()
@@ -40,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", "--batch_size", "-b", dest="batch_size", type=int, default=None,
                    help="override the mode's batch size")
     p.add_argument("--image-size", "--image_size", "--img-size", dest="image_sizes", type=int, nargs="+",
-                   default=[224], metavar="SIZE", help="square input side; several values sweep the resolution")
+                   default=None, metavar="SIZE", help="square input side; several values sweep the resolution "
+                   "(default: 224, and a detector's / segmenter's test size, e.g. 800x1333 for "
+                   "retinanet:lowformer_b0, 320x320 for ssdlite:edgeformer_s, 512x512 for segmenters)")
     p.add_argument("--iterations", type=int, default=None,
                    help="time exactly this many passes one by one (default: repeat blocks for --min-time s)")
     p.add_argument("--min-time", "--min_time", dest="min_run_time", type=float, default=1.0,

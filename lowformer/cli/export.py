@@ -18,7 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a model to a verified ONNX file or OpenVINO IR",
                               description="Export a model to ONNX (dynamic batch), check ONNX Runtime's outputs "
                                           "against PyTorch, optionally deploy-rewritten and int8-quantized.")
-    p.add_argument("model", nargs="?", default=None, help="model name, e.g. lowformer_b1 (not with --run)")
+    p.add_argument("model", nargs="?", default=None, help="model name, e.g. lowformer_b1 (not with --run), or a "
+                   "detector / segmenter ARCH:BACKBONE, e.g. retinanet:lowformer_b0 or upernet:dwnet_tiny: a "
+                   "detector's graph takes one (1, 3, H, W) image with pixels in 0..1 and returns boxes, scores, "
+                   "labels (masks), post-processing included, checked output by output on the bundled photo")
     p.add_argument("--format", choices=[*EXPORT_FORMATS, "hf"], default="onnx",
                    help="export format (default onnx); hf: a timm/Hugging Face folder (config.json + "
                         "model.safetensors) for timm.create_model('local-dir:DIR', pretrained=True)")
@@ -34,9 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="how many calibration images to use (default %(default)s)")
     p.add_argument("--min-cosine", "--min_cosine", dest="min_cosine", type=float, default=INT8_MIN_COSINE,
                    help="int8: lowest cosine to the fp32 outputs on the calibration images (default %(default)s)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="weights to load (any layout create_model reads)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="weights to load (any layout create_model reads; "
+                   "for ARCH:BACKBONE a det/seg run's evalmodel.pt)")
     p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
-                   help="square input size (default: the model's)")
+                   help="square input size (default: the model's; a detector's or segmenter's test size)")
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (default %(default)s)")
     p.add_argument("--device", default="cpu", help="where the model is built and traced: cpu, cuda or cuda:N "
                                                    "(ONNX Runtime checks the file on the CPU)")
@@ -64,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
                      checkpoint=args.checkpoint, image_size=args.image_size, calibration=args.calibration,
                      calibration_count=args.calibration_count, min_cosine=args.min_cosine, opset=args.opset,
                      device=args.device)
+    rows = ""
+    if "rows" in r:
+        rows = f", {' and '.join(map(str, r['rows']))} detections compared"
+        if not any(r["rows"]):
+            rows += " (none on the check photo, so only that was checked: export trained weights with --checkpoint)"
     print(f"wrote {r['out']} ({r['precision']}{', deploy graph' if r['deploy'] else ''}, opset {r['opset']}): "
-          f"max |diff| {r['max_abs_diff']:.3g} of max |output| {r['max_abs_ref']:.3g}, cosine {r['min_cosine']:.5f}")
+          f"max |diff| {r['max_abs_diff']:.3g} of max |output| {r['max_abs_ref']:.3g}, cosine {r['min_cosine']:.5f}"
+          + rows)
     return 0

@@ -36,6 +36,7 @@ class ExportRequest:
     calibration_files: list[Path]
     min_cosine: float
     opset: int
+    check_inputs: list[torch.Tensor] | None = None  # default: the example input and a random batch of two
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ def _write_onnx_format(request: ExportRequest) -> dict[str, Any]:
     model, x = request.model, request.example_input
     graph = portable_deploy(model, x) if request.deploy else model
     if request.precision == "fp32":
-        return export_onnx(graph, request.out, x, reference=model, opset=request.opset)
+        return export_onnx(graph, request.out, x, check_inputs=request.check_inputs, reference=model,
+                           opset=request.opset)
     calibration = load_calibration(request.calibration_files, model, x.shape[-1])
     module = quantize_checked(graph, model, x, calibration, out_path=request.out, min_cosine=request.min_cosine,
                               opset=request.opset)
@@ -97,6 +99,11 @@ def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precis
     fmt = EXPORT_FORMATS[format]
     if precision not in PRECISIONS:
         raise LowformerError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
+    from lowformer.dense import parse_dense_spec
+    spec = parse_dense_spec(name)
+    if spec is not None and spec.task == "detection" and (format, precision, deploy) != ("onnx", "fp32", False):
+        raise LowformerError(f"{name}: detectors export as fp32 ONNX only (--format onnx, no --precision int8, no "
+                             "--deploy): their post-processing runs in the graph, outside what those paths rewrite")
     out = check_output_path(out, fmt.suffixes, "--out")
     opset = check_opset(OPSET if opset is None else opset)
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
@@ -109,15 +116,61 @@ def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precis
     files = calibration_files(calibration, calibration_count) if precision == "int8" else []
     if precision != "int8" and calibration is not None:
         raise LowformerError("--calibration is used by --precision int8 only; add --precision int8 or leave it out")
-    resolve_model_name(name)
+    resolve_model_name(name if spec is None else spec.backbone)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise LowformerError(f"--checkpoint {checkpoint}: no such file")
 
-    model = create_model(name, checkpoint_path=checkpoint).eval().to(torch_device)
-    x = default_input(model)
-    if image_size is not None:
-        x = torch.randn(1, x.shape[1], image_size, image_size)
+    check_inputs = None
+    if spec is not None:
+        model, x, check_inputs = _dense_export_model(name, spec.task, checkpoint, image_size)
+        model = model.to(torch_device)
+    else:
+        model = create_model(name, checkpoint_path=checkpoint).eval().to(torch_device)
+        x = default_input(model)
+        if image_size is not None:
+            x = torch.randn(1, x.shape[1], image_size, image_size)
     x = x.to(torch_device)
-    report = fmt.write(ExportRequest(model, x, out, precision, deploy, files, min_cosine, opset))
+    report = fmt.write(ExportRequest(model, x, out, precision, deploy, files, min_cosine, opset, check_inputs))
     return {**report, "out": str(out), "format": format, "precision": precision, "deploy": deploy, "opset": opset,
-            "image_size": x.shape[-1]}
+            "image_size": x.shape[-2], "image_width": x.shape[-1]}
+
+
+def _dense_export_model(name: str, task: str, checkpoint: str | os.PathLike | None,
+                        image_size: int | None) -> tuple[nn.Module, torch.Tensor, list[torch.Tensor] | None]:
+    """A detector or segmenter ``ARCH:BACKBONE`` to export (weights from ``checkpoint``: a detection or
+    segmentation run's ``evalmodel.pt``, whose class count it takes), its example input at the test size
+    (``image_size`` squared when given) and the inputs to check it on.
+
+    A detector is exported as :class:`lowformer.detection.DetectorExport` (one image in, its detections
+    out) and checked on the bundled photo and its mirror image, on which a trained detector finds objects,
+    rather than on noise."""
+    from lowformer.checkpoints import CheckpointError, extract_state_dict, read_checkpoint
+    from lowformer.dense import dense_model_from_spec, dense_test_size, set_dense_test_size
+    state, num_classes = None, None
+    if checkpoint is not None:
+        state = extract_state_dict(read_checkpoint(checkpoint), checkpoint)
+        if task == "detection" and "class_count" in state:
+            num_classes = int(state["class_count"])
+        elif task == "segmentation" and "net.segmentation_head.0.weight" in state:
+            num_classes = int(state["net.segmentation_head.0.weight"].shape[0])
+        else:
+            raise CheckpointError(f"--checkpoint {checkpoint}: not a {task} model's weights (a `lowformer "
+                                  f"{'det' if task == 'detection' else 'seg'} train` run's evalmodel.pt)")
+    model = dense_model_from_spec(name, num_classes)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"--checkpoint {checkpoint} does not fit {name}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    h, w = (image_size, image_size) if image_size is not None else dense_test_size(model)
+    if task == "segmentation":
+        return model, torch.randn(1, 3, h, w), None
+    from torchvision.transforms.v2 import functional as F
+
+    from lowformer.data import bundled_image, load_image
+    from lowformer.detection import DetectorExport
+    set_dense_test_size(model, h, w)
+    photo = F.to_dtype(F.pil_to_tensor(load_image(bundled_image())), torch.float32, scale=True)
+    x = F.resize(photo, [h, w], antialias=True).unsqueeze(0)
+    return DetectorExport(model).eval(), x, [x, x.flip(-1)]

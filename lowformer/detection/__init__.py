@@ -5,8 +5,10 @@ from lowformer.detection.models import (
     Detector,
     DetectorConfig,
     DetectorError,
+    DetectorExport,
     create_detector,
     list_presets,
 )
 
-__all__ = ["ARCHS", "PRESETS", "Detector", "DetectorConfig", "DetectorError", "create_detector", "list_presets"]
+__all__ = ["ARCHS", "PRESETS", "Detector", "DetectorConfig", "DetectorError", "DetectorExport", "create_detector",
+           "list_presets"]

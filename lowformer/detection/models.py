@@ -30,7 +30,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 from lowformer.dense import DenseBackbone
 from lowformer.errors import LowformerError
 
-__all__ = ["ARCHS", "PRESETS", "Detector", "DetectorConfig", "DetectorError", "create_detector", "list_presets"]
+__all__ = ["ARCHS", "PRESETS", "Detector", "DetectorConfig", "DetectorExport", "DetectorError", "create_detector", "list_presets"]
 
 ARCHS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn", "ssdlite")
 
@@ -190,6 +190,68 @@ class Detector(nn.Module):
             out = [{**o, "labels": o["labels"] - self.label_offset} for o in out]
         return out
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """The per-image detections, in the order :class:`DetectorExport` returns them."""
+        return ("boxes", "scores", "labels", "masks") if self.has_masks else ("boxes", "scores", "labels")
+
+    @property
+    def test_size(self) -> tuple[int, int]:
+        """(height, width) of a landscape image at the evaluation resize: shorter side ``min_size``, longer
+        ``max_size`` (mmdet's 1333x800); SSD's fixed square."""
+        t = self.model.transform
+        if t.fixed_size is not None:
+            return int(t.fixed_size[0]), int(t.fixed_size[1])
+        return int(t.min_size[-1]), int(t.max_size)
+
+    def set_test_size(self, height: int, width: int) -> None:
+        """Evaluate ``height`` x ``width`` inputs at that size (no resize) instead of the preset's."""
+        t = self.model.transform
+        if t.fixed_size is not None:
+            t.fixed_size = (height, width)
+        else:
+            t.min_size, t.max_size = (min(height, width),), max(height, width)
+
+    def cost_forward(self, x: torch.Tensor, proposals: int = 1000, mask_rois: int = 100) -> list[torch.Tensor]:
+        """What a detector's size is counted on, as mmdetection's ``forward_dummy`` defines it: backbone,
+        neck and dense heads on the (already normalised) batch ``x``; for the R-CNNs the box head on
+        ``proposals`` fixed RoIs and the mask head on the first ``mask_rois`` of them, instead of the
+        data-dependent RPN proposals, NMS and score filtering of a real forward."""
+        m = self.model
+        feats = m.backbone(x)
+        if self.arch in ("retinanet", "fcos", "ssdlite"):
+            out = m.head(list(feats.values()))
+            return list(out.values())
+        objectness, deltas = m.rpn.head(list(feats.values()))
+        h, w = x.shape[-2:]
+        # fixed boxes spread over the image: RoIAlign's cost does not depend on where they are
+        t = torch.linspace(0, 1, proposals, device=x.device)
+        boxes = torch.stack([t * w * 0.5, t.flip(0) * h * 0.5, t * w * 0.5 + w * 0.5, t.flip(0) * h * 0.5 + h * 0.5], 1)
+        shapes = [(h, w)] * x.shape[0]
+        rh = m.roi_heads
+        box_feats = rh.box_head(rh.box_roi_pool(feats, [boxes] * x.shape[0], shapes))
+        out = [*objectness, *deltas, *rh.box_predictor(box_feats)]
+        if self.has_masks:
+            out.append(rh.mask_predictor(rh.mask_head(rh.mask_roi_pool(feats, [boxes[:mask_rois]] * x.shape[0],
+                                                                       shapes))))
+        return out
+
+
+class DetectorExport(nn.Module):
+    """A detector as an exportable graph: one ``(1, 3, H, W)`` image (pixels in 0..1) in, its detections
+    ``boxes`` (N, 4), ``scores`` (N,), ``labels`` (N,) (and ``masks`` (N, 1, H, W) for Mask R-CNN) out, N
+    varying with the image; resize, normalisation, NMS and score filtering are in the graph."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector
+        self.output_names = detector.output_names
+        self.dynamic_axes = {name: {0: "detections"} for name in self.output_names}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        det = self.detector([x[0]])[0]
+        return tuple(det[name] for name in self.output_names)
+
 
 def _anchor_sizes(cfg: DetectorConfig, strides: list[int]) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(cfg.anchor_scale * s * 2 ** (i / cfg.octaves) for i in range(cfg.octaves)) for s in strides)
@@ -218,7 +280,8 @@ def create_detector(
         checkpoint_path / pretrained: classification weights for the backbone (any layout
             ``lowformer.load_checkpoint`` reads); never downloads.
         frozen_stages / freeze_bn: see :class:`lowformer.dense.DenseBackbone`.
-        **settings: :class:`DetectorConfig` fields overriding the preset.
+        **settings: :class:`DetectorConfig` fields overriding the preset (``backbone_kwargs`` update the
+            preset's backbone arguments key by key).
     """
     if arch not in ARCHS:
         raise DetectorError(f"unknown detector '{arch}': choose one of {', '.join(ARCHS)}")
@@ -234,6 +297,8 @@ def create_detector(
     unknown = sorted(set(settings) - set(DetectorConfig.__dataclass_fields__))
     if unknown:
         raise DetectorError(f"unknown detector setting(s) {unknown}: valid ones are the DetectorConfig fields")
+    if "backbone_kwargs" in settings:  # added to the preset's (Visformer's windows stay when drop path is set)
+        settings["backbone_kwargs"] = {**cfg.backbone_kwargs, **settings["backbone_kwargs"]}
     cfg = replace(cfg, **settings)
     body = DenseBackbone(backbone, strides=cfg.strides, checkpoint_path=checkpoint_path, pretrained=pretrained,
                          frozen_stages=frozen_stages, freeze_bn=freeze_bn, **cfg.backbone_kwargs)
@@ -316,10 +381,3 @@ def _build_ssdlite(body: DenseBackbone, num_classes: int, cfg: DetectorConfig, c
     size = (cfg.min_size, cfg.min_size)
     return SSD(feats, anchors, size, num_classes + 1, head=head, score_thresh=cfg.score_thresh,
                nms_thresh=cfg.nms_thresh, detections_per_img=cfg.detections_per_img, **common)
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (each shared tensor once)."""
-    return sum(p.numel() for p in model.parameters())
-
-

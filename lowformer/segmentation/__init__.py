@@ -15,9 +15,7 @@ from lowformer.segmentation.models import (
     Segmenter,
     SegmenterError,
     create_segmenter,
-    is_segmenter_spec,
     load_encoder_checkpoint,
-    segmenter_from_spec,
 )
 
 __all__ = [
@@ -33,9 +31,7 @@ __all__ = [
     "eval_transform",
     "find_pairs",
     "infer",
-    "is_segmenter_spec",
     "load_encoder_checkpoint",
-    "segmenter_from_spec",
     "slide_inference",
     "train_transform",
     "whole_inference",

@@ -18,8 +18,7 @@ from torch import nn
 
 from lowformer.errors import LowformerError
 
-__all__ = ["ARCHS", "Segmenter", "SegmenterError", "create_segmenter", "is_segmenter_spec", "load_encoder_checkpoint",
-           "segmenter_from_spec"]
+__all__ = ["ARCHS", "Segmenter", "SegmenterError", "create_segmenter", "load_encoder_checkpoint"]
 
 
 class SegmenterError(LowformerError, ValueError):
@@ -149,15 +148,3 @@ def create_segmenter(arch: str, backbone: str, num_classes: int, *, checkpoint_p
         aux_index = len(net.encoder.out_channels) - 2  # stride 16: the last but one stage
         aux_head = _fcn_head(net.encoder.out_channels[aux_index], preset.aux_channels, num_classes)
     return Segmenter(net, arch, backbone, num_classes, aux_head, aux_index, preset.aux_weight)
-
-
-def is_segmenter_spec(name: str) -> bool:
-    """Whether ``name`` names a segmenter as ``ARCH:BACKBONE`` (e.g. ``upernet:dwnet_tiny``), the form
-    ``lowformer bench`` and ``lowformer models`` accept beside model names."""
-    return name.split(":", 1)[0] in ARCHS and name.count(":") == 1
-
-
-def segmenter_from_spec(name: str, num_classes: int = 150) -> Segmenter:
-    """The segmenter ``ARCH:BACKBONE`` with ``num_classes`` (ADE20K's 150 by default) and random weights."""
-    arch, backbone = name.split(":", 1)
-    return create_segmenter(arch, backbone, num_classes)
