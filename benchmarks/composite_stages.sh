@@ -1,4 +1,4 @@
-# Shared by the composite CPU benchmarks (sourced): resume tests and per-stage wall / CPU time.
+# Shared by the composite CPU benchmarks (sourced): the three stages, resume tests, per-stage wall / CPU time.
 # stage_start; ...; stage_end NAME appends NAME=WALL,USER,SYS to the array `stages` for record_run.py.
 resume_flag() { [ -f "$1/checkpoint/latest.txt" ] && echo --resume || true; }
 finished() { [ -f "$1/summary.json" ] && grep -q '"finished": true' "$1/summary.json"; }
@@ -26,4 +26,32 @@ pretrain() {
       --run_config.n_epochs "$1" --no-progress $(resume_flag "$3")
   fi
   stage_end pretrain
+}
+
+# composite_benchmark CMD SECTION CONFIG EPOCHS: pre-training (unless PRETRAIN_EPOCHS=0), `lowformer CMD train
+# CONFIG` (SECTION.backbone_checkpoint = the classifier; EPOCHS overrides n_epochs when set), `lowformer CMD eval`
+# on val, then RUN/benchmark.json. Reads DATA, RUN, PY, HERE and PRETRAIN_EPOCHS.
+composite_benchmark() {
+  local cmd=$1 section=$2 config=$3 n_epochs=$4 init=() epochs=()
+  if [ "$PRETRAIN_EPOCHS" -gt 0 ]; then
+    if [ ! -d "$DATA/../cifar10/train" ]; then
+      echo "$0: '$DATA/../cifar10/train' not found; set PRETRAIN_EPOCHS=0 to train from scratch" >&2
+      exit 2
+    fi
+    pretrain "$PRETRAIN_EPOCHS" "$DATA/../cifar10" "${RUN}_cifar10"
+    init=(--"$section".backbone_checkpoint "${RUN}_cifar10/checkpoint/evalmodel.pt")
+  fi
+  [ -n "$n_epochs" ] && epochs=(--run_config.n_epochs "$n_epochs")
+  stage_start
+  if ! finished "$RUN"; then
+    # shellcheck disable=SC2046
+    "$PY" -m lowformer "$cmd" train "$HERE/$config" --data_provider.data_dir "$DATA" --path "$RUN" --no-progress \
+      "${init[@]}" "${epochs[@]}" $(resume_flag "$RUN")
+  fi
+  stage_end train
+  stage_start
+  "$PY" -m lowformer "$cmd" eval --run "$RUN" --data "$DATA" --split val --out "$RUN/val_scores.json"
+  stage_end eval
+  "$PY" "$HERE/benchmarks/record_run.py" "$RUN" "$RUN/val_scores.json" "${stages[@]}" \
+    --set "pretrain_epochs=$PRETRAIN_EPOCHS" --set "${cmd}_epochs=${n_epochs:-recipe}"
 }

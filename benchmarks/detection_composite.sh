@@ -24,36 +24,11 @@ PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-14}
 export OMP_NUM_THREADS=${THREADS:-2}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$HERE
-CIFAR=$DATA/../cifar10
 for f in "$DATA/images/train" "$DATA/annotations/instances_train.json" "$DATA/images/val" \
          "$DATA/annotations/instances_val.json"; do
   [ -e "$f" ] || { echo "$0: '$f' not found (DATA_DIR must be the composite folder)" >&2; exit 2; }
 done
-if [ "$PRETRAIN_EPOCHS" -gt 0 ] && [ ! -d "$CIFAR/train" ]; then
-  echo "$0: '$CIFAR/train' not found; set PRETRAIN_EPOCHS=0 to train from scratch" >&2
-  exit 2
-fi
 # shellcheck source=benchmarks/composite_stages.sh
 source "$HERE/benchmarks/composite_stages.sh"
 mkdir -p "$(dirname "$RUN")"
-
-init=()
-if [ "$PRETRAIN_EPOCHS" -gt 0 ]; then
-  PRE=${RUN}_cifar10
-  pretrain "$PRETRAIN_EPOCHS" "$CIFAR" "$PRE"
-  init=(--detection.backbone_checkpoint "$PRE/checkpoint/evalmodel.pt")
-fi
-epochs=()
-[ -n "${DET_EPOCHS:-}" ] && epochs=(--run_config.n_epochs "$DET_EPOCHS")
-stage_start
-if ! finished "$RUN"; then
-  # shellcheck disable=SC2046
-  "$PY" -m lowformer det train "$HERE/configs/det/composite_retinanet_b0.yaml" --data_provider.data_dir "$DATA" \
-    --path "$RUN" --no-progress "${init[@]}" "${epochs[@]}" $(resume_flag "$RUN")
-fi
-stage_end train
-stage_start
-"$PY" -m lowformer det eval --run "$RUN" --data "$DATA" --split val --out "$RUN/val_scores.json"
-stage_end eval
-"$PY" "$HERE/benchmarks/record_run.py" "$RUN" "$RUN/val_scores.json" "${stages[@]}" \
-  --set "pretrain_epochs=$PRETRAIN_EPOCHS" --set "det_epochs=${DET_EPOCHS:-recipe}"
+composite_benchmark det detection configs/det/composite_retinanet_b0.yaml "${DET_EPOCHS:-}"

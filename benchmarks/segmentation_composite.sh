@@ -23,35 +23,10 @@ PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-14}
 export OMP_NUM_THREADS=${THREADS:-2}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$HERE
-CIFAR=$DATA/../cifar10
 for f in "$DATA/images/train" "$DATA/annotations/train" "$DATA/images/val" "$DATA/annotations/val"; do
   [ -e "$f" ] || { echo "$0: '$f' not found (DATA_DIR must be the composite folder)" >&2; exit 2; }
 done
-if [ "$PRETRAIN_EPOCHS" -gt 0 ] && [ ! -d "$CIFAR/train" ]; then
-  echo "$0: '$CIFAR/train' not found; set PRETRAIN_EPOCHS=0 to train from scratch" >&2
-  exit 2
-fi
 # shellcheck source=benchmarks/composite_stages.sh
 source "$HERE/benchmarks/composite_stages.sh"
 mkdir -p "$(dirname "$RUN")"
-
-init=()
-if [ "$PRETRAIN_EPOCHS" -gt 0 ]; then
-  PRE=${RUN}_cifar10
-  pretrain "$PRETRAIN_EPOCHS" "$CIFAR" "$PRE"
-  init=(--segmentation.backbone_checkpoint "$PRE/checkpoint/evalmodel.pt")
-fi
-epochs=()
-[ -n "${SEG_EPOCHS:-}" ] && epochs=(--run_config.n_epochs "$SEG_EPOCHS")
-stage_start
-if ! finished "$RUN"; then
-  # shellcheck disable=SC2046
-  "$PY" -m lowformer seg train "$HERE/configs/seg/composite/fpn_b0.yaml" --data_provider.data_dir "$DATA" \
-    --path "$RUN" --no-progress "${init[@]}" "${epochs[@]}" $(resume_flag "$RUN")
-fi
-stage_end train
-stage_start
-"$PY" -m lowformer seg eval --run "$RUN" --data "$DATA" --split val --out "$RUN/val_scores.json"
-stage_end eval
-"$PY" "$HERE/benchmarks/record_run.py" "$RUN" "$RUN/val_scores.json" "${stages[@]}" \
-  --set "pretrain_epochs=$PRETRAIN_EPOCHS" --set "seg_epochs=${SEG_EPOCHS:-recipe}"
+composite_benchmark seg segmentation configs/seg/composite/fpn_b0.yaml "${SEG_EPOCHS:-}"

@@ -156,6 +156,8 @@ def test_bad_detector_requests_are_one_line():
         create_detector("yolo", "lowformer_b0", 2)
     with pytest.raises(DetectorError, match="unknown detector setting"):
         create_detector("retinanet", "lowformer_b0", 2, fpn_chanels=64)
+    with pytest.raises(DetectorError, match="fpn_channels 48: GroupNorm heads take 32 groups"):
+        create_detector("retinanet", "lowformer_b0", 2, fpn_channels=48, head_norm="group")
 
 
 # --- data ------------------------------------------------------------------------------------------------

@@ -300,6 +300,8 @@ def create_detector(
     if "backbone_kwargs" in settings:  # added to the preset's (Visformer's windows stay when drop path is set)
         settings["backbone_kwargs"] = {**cfg.backbone_kwargs, **settings["backbone_kwargs"]}
     cfg = replace(cfg, **settings)
+    if cfg.head_norm == "group" and cfg.fpn_channels % 32:
+        raise DetectorError(f"fpn_channels {cfg.fpn_channels}: GroupNorm heads take 32 groups, so use a multiple of 32")
     body = DenseBackbone(backbone, strides=cfg.strides, checkpoint_path=checkpoint_path, pretrained=pretrained,
                          frozen_stages=frozen_stages, freeze_bn=freeze_bn, **cfg.backbone_kwargs)
     pcfg = getattr(body.body, "pretrained_cfg", {}) or {}
