@@ -1,5 +1,25 @@
 # Shared by the composite CPU benchmarks (sourced): the three stages, resume tests, per-stage wall / CPU time.
 # stage_start; ...; stage_end NAME appends NAME=WALL,USER,SYS to the array `stages` for record_run.py.
+# composite_args "$@": DATA_DIR RUN_DIR -> DATA, RUN; PY, PRETRAIN_EPOCHS (default 14), THREADS (default 2).
+composite_args() {
+  if [ $# -ne 2 ]; then
+    echo "usage: $0 DATA_DIR RUN_DIR" >&2
+    exit 2
+  fi
+  DATA=$1
+  RUN=${2%/}
+  PY=${PYTHON:-python3}
+  PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-14}
+  export OMP_NUM_THREADS=${THREADS:-2}
+  export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$HERE
+}
+# require_files PATH...: each must exist in DATA_DIR, checked before any work.
+require_files() {
+  local f
+  for f in "$@"; do
+    [ -e "$f" ] || { echo "$0: '$f' not found (DATA_DIR must be the composite folder)" >&2; exit 2; }
+  done
+}
 resume_flag() { [ -f "$1/checkpoint/latest.txt" ] && echo --resume || true; }
 finished() { [ -f "$1/summary.json" ] && grep -q '"finished": true' "$1/summary.json"; }
 # `times` must run in the benchmark's own shell, not in a $(...) subshell, which has no children: it writes
@@ -30,9 +50,10 @@ pretrain() {
 
 # composite_benchmark CMD SECTION CONFIG EPOCHS: pre-training (unless PRETRAIN_EPOCHS=0), `lowformer CMD train
 # CONFIG` (SECTION.backbone_checkpoint = the classifier; EPOCHS overrides n_epochs when set), `lowformer CMD eval`
-# on val, then RUN/benchmark.json. Reads DATA, RUN, PY, HERE and PRETRAIN_EPOCHS.
+# on val, then RUN/benchmark.json. Reads what composite_args sets, and HERE.
 composite_benchmark() {
   local cmd=$1 section=$2 config=$3 n_epochs=$4 init=() epochs=()
+  mkdir -p "$(dirname "$RUN")"
   if [ "$PRETRAIN_EPOCHS" -gt 0 ]; then
     if [ ! -d "$DATA/../cifar10/train" ]; then
       echo "$0: '$DATA/../cifar10/train' not found; set PRETRAIN_EPOCHS=0 to train from scratch" >&2

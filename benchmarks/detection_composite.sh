@@ -13,22 +13,10 @@
 # versions. Every stage resumes: rerunning the script after an interruption continues where it stopped.
 # Environment: PYTHON (default python3), PRETRAIN_EPOCHS (14), DET_EPOCHS (the recipe's), THREADS (2).
 set -euo pipefail
-if [ $# -ne 2 ]; then
-  echo "usage: $0 DATA_DIR RUN_DIR" >&2
-  exit 2
-fi
-DATA=$1
-RUN=${2%/}
-PY=${PYTHON:-python3}
-PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-14}
-export OMP_NUM_THREADS=${THREADS:-2}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$HERE
-for f in "$DATA/images/train" "$DATA/annotations/instances_train.json" "$DATA/images/val" \
-         "$DATA/annotations/instances_val.json"; do
-  [ -e "$f" ] || { echo "$0: '$f' not found (DATA_DIR must be the composite folder)" >&2; exit 2; }
-done
 # shellcheck source=benchmarks/composite_stages.sh
 source "$HERE/benchmarks/composite_stages.sh"
-mkdir -p "$(dirname "$RUN")"
+composite_args "$@"
+require_files "$DATA/images/train" "$DATA/annotations/instances_train.json" "$DATA/images/val" \
+  "$DATA/annotations/instances_val.json"
 composite_benchmark det detection configs/det/composite_retinanet_b0.yaml "${DET_EPOCHS:-}"
