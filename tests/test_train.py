@@ -13,7 +13,13 @@ from torch.utils.data import DistributedSampler
 from lowformer.checkpoints import read_checkpoint
 from lowformer.data.datasets import resolution_batch_sampler
 from lowformer.train import TrainingDiverged, load_config, train
-from lowformer.train.setup import LowformerCosineScheduler, build_model, no_weight_decay_groups
+from lowformer.train.setup import (
+    CenterTapConv2d,
+    LowformerCosineScheduler,
+    build_model,
+    center_tap_small_maps,
+    no_weight_decay_groups,
+)
 from torchrun import run_torchrun
 
 CIFAR = Path(__file__).parents[1] / "lowformer" / "assets" / "cifar10-mini"
@@ -471,3 +477,50 @@ def test_channels_last_trains_the_same_network_and_writes_loadable_checkpoints(t
     assert model.conv_stem.weight.is_contiguous()
     ema = read_checkpoint(tmp_path / "nhwc/checkpoint/checkpoint.pt")["ema"][0.9998]
     assert torch.equal(model.conv_stem.weight, ema["conv_stem.weight"])
+
+
+@pytest.mark.parametrize("kernel,groups,padding,stride,size", [
+    (3, 8, 1, 1, 1), (5, 1, 2, 1, 1), ((3, 5), 2, (1, 2), 1, 1),  # the centre tap is taken
+    (3, 8, 1, 1, 2), (3, 8, 0, 1, 3), (3, 8, 1, 2, 1),  # larger map, valid padding, stride 2: plain conv
+])
+def test_center_tap_conv_equals_the_full_kernel(kernel, groups, padding, stride, size):
+    """On a 1x1 map every tap but the centre meets zero padding, so the shortcut must give the same outputs and
+    gradients as ``nn.Conv2d`` (computed here by the parent class itself); anywhere else it is the parent."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, kernel, stride, padding, groups=groups)
+    x = torch.randn(3, 8, size, size, requires_grad=True)
+    want = torch.nn.Conv2d.forward(conv, x)
+    gw, gx = torch.autograd.grad(want.square().sum(), (conv.weight, x))
+    center_tap_small_maps(conv)
+    assert type(conv) is CenterTapConv2d and list(conv.state_dict()) == ["weight", "bias"]
+    got = conv(x)
+    hw, hx = torch.autograd.grad(got.square().sum(), (conv.weight, x))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hw, gw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hx, gx, rtol=1e-5, atol=1e-6)
+    if size == 1 and stride == 1 and padding:
+        off = [k // 2 for k in conv.kernel_size]
+        assert gw[:, :, :off[0]].abs().sum() == 0  # the taps the shortcut drops get no gradient in the full conv
+
+
+def test_trainer_runs_convolutions_through_the_center_tap_shortcut(tmp_path):
+    """The trainer swaps every plain conv (a 32 px LowFormer-B0 reaches 1x1 maps) and still writes checkpoints
+    that load into an unmodified model."""
+    from lowformer.train.distributed import DistContext
+    from lowformer.train.loop import Trainer
+    data = make_data(tmp_path / "data")
+    cfg = load_config("configs/cls/imagenet/b1.yaml", tiny_overrides(
+        data, data_provider={"data_aug": None, "image_size": [32]},
+        run_config={"mixup_config": None, "reset_bn": False}, net_config={"name": "lowformer_b0"}))
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    trainer = Trainer(cfg, tmp_path / "run", ctx, progress=False)
+    convs = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(type(m) is CenterTapConv2d for m in convs)
+    trainer.run()
+    import lowformer
+    model = lowformer.create_model("lowformer_b0", num_classes=2,
+                                   checkpoint_path=tmp_path / "run/checkpoint/evalmodel_final.pt")
+    assert all(type(m) is torch.nn.Conv2d for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the EMA network the trainer ran through the shortcut, against the plain reload
+        torch.testing.assert_close(model.eval()(x), trainer.ema.module.eval()(x), rtol=1e-5, atol=1e-5)

@@ -42,7 +42,7 @@ from lowformer.train.distributed import (
 from lowformer.train.logs import RunLogger
 from lowformer.train.rundir import RunDir
 from lowformer.train.schedule import TrainSchedule
-from lowformer.train.setup import DropPathSchedule, LowformerEma, build_optimizer, check_schedule
+from lowformer.train.setup import DropPathSchedule, LowformerEma, build_optimizer, center_tap_small_maps, check_schedule
 from lowformer.train.state import TrainState, rng_state, set_rng_state
 from lowformer.train.step import AMP_MODES, NonFiniteLoss, StepParts, amp_mode, train_step
 from lowformer.train.task import EvalInfo, StepInfo, TaskFactory, create_task
@@ -106,7 +106,7 @@ class Trainer:
 
         # Same initial weights on every rank and for any world size; then per-rank randomness.
         torch.manual_seed(seed)
-        self.model = self.task.build_model().to(self.device)
+        self.model = center_tap_small_maps(self.task.build_model().to(self.device))
         if cfg.run_config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.initial_checkpoint = initial_checkpoint
