@@ -3,8 +3,9 @@ cosine >= 0.99 on real images).
 
 The checkpoint (e.g. ``evalmodel.pt`` from ``lowformer train configs/cls/cifar10/b0.yaml``) is evaluated with the
 recipe's validation preprocessing (resize + center crop at ``--image-size``, crop ratio 1.0, bilinear, ImageNet
-mean/std) by the eager fp32 model, the fp32 and bf16 deploy modules and the int8 ONNX Runtime module (static
-quantization calibrated on ``--calibration-images`` training images drawn with a fixed seed). Per path: top-1 on
+mean/std) by the eager fp32 model, the fp32 and bf16 deploy modules, the int8 ONNX Runtime module (static
+quantization calibrated on ``--calibration-images`` training images drawn with a fixed seed), OpenVINO fp32 / bf16 /
+NNCF int8 on the deploy export (same calibration images) and whatever ``precision="auto"`` picks. Per path: top-1 on
 the validation folder, its delta to eager fp32, argmax agreement and logit cosine to eager fp32; and the cosine on
 the imagenet-sample images at the same size (real photographs outside the training distribution), and the share
 of images whose cosine reaches 0.99. int8 runs twice: with the default weights (7-bit on a CPU without VNNI) and
@@ -94,7 +95,15 @@ def main() -> int:
                                              min_cosine=-1.0),
         "int8 onnxruntime, 8-bit weights": deploy_int8(model, example, calibration.split(16), min_cosine=-1.0,
                                                        reduce_range=False),
+        "fp32 openvino": lowformer.deploy(model, example, runtime="openvino", threads=args.threads),
+        "bf16 openvino": lowformer.deploy(model, example, precision="bf16", runtime="openvino", min_cosine=-1.0,
+                                          threads=args.threads),
+        "int8 openvino": lowformer.deploy(model, example, precision="int8", runtime="openvino",
+                                          calibration=calibration, min_cosine=-1.0, threads=args.threads),
     }
+    # What a user gets from the gate: the fastest path on this CPU whose cosine on the calibration images passes.
+    auto = lowformer.deploy(model, example, precision="auto", calibration=calibration, threads=args.threads)
+    paths[f"auto: {auto.report['runtime']} {auto.report['precision']}"] = auto
     env = environment("cpu", args.threads)
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
     out = args.out or RESULTS / f"deploy_accuracy_cifar10_{stamp}.csv"
@@ -120,7 +129,7 @@ def main() -> int:
                 "real_images": len(real_x), "real_share_cosine_099": f"{on_real['share_099']:.4f}",
                 "real_agreement": f"{on_real['agreement']:.4f}", "real_mean_cosine": f"{on_real['mean_cosine']:.5f}",
                 "real_min_cosine": f"{on_real['min_cosine']:.5f}",
-                "calibration_images": len(calibration) if name.startswith("int8") else "",
+                "calibration_images": len(calibration) if name.startswith(("int8", "auto")) else "",
                 "checkpoint": Path(args.checkpoint).name, "device": env["device"], "torch": env["torch_version"],
                 "threads": args.threads, "load_avg_1m": f"{os.getloadavg()[0]:.2f}",
                 "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),

@@ -156,24 +156,6 @@ def test_deploy_form_of_a_model_with_a_submodule_named_fuse():
         assert torch.equal(training_form(x), deployed_form(x))
 
 
-def test_onnx_export_failure_is_one_line(tmp_path):
-    from lowformer.deploy.onnx import export_onnx
-
-    class InputSizedKernel(torch.nn.Module):  # a kernel resized to the input that no folding knows about
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(3, 1, 4, 1))
-
-        def forward(self, x):
-            w = torch.nn.functional.interpolate(self.weight, size=(x.shape[-2], 1), mode="bilinear")
-            return torch.nn.functional.conv2d(x, w, groups=3)
-
-    path = tmp_path / "m.onnx"
-    with pytest.raises(LowformerError, match="cannot be exported to ONNX") as info:
-        export_onnx(InputSizedKernel().eval(), path, torch.randn(1, 3, 16, 16), opset=17)
-    assert "\n" not in str(info.value) and not path.exists() and not list(tmp_path.iterdir())
-
-
 def test_duration_timing_takes_at_least_min_samples():
     """A 0.4 s pass and one second of timing gave 2-3 samples (too few for quartiles): blocks are added until the
     minimum is reached."""

@@ -65,6 +65,9 @@ def test_cpu_features_read_the_flags_of_the_first_cpu(tmp_path):
                                                                                   "avx512_bf16"))
     amx = cpu_features(_cpuinfo(tmp_path, "avx2 avx512f amx_tile amx_int8 amx_bf16"))
     assert amx.amx and amx.vnni and amx.bf16  # AMX-INT8 / AMX-BF16 are VNNI-class and bf16 instructions
+    # the speed-relevant flags every timing records, in a fixed order, without the others
+    assert zen4.flags == ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") and avx2.flags == ("avx2",)
+    assert amx.flags == ("avx2", "avx512f", "amx_bf16", "amx_int8")
     assert not cpu_features(tmp_path / "missing").avx2
 
 

@@ -11,7 +11,9 @@ from torch.utils.benchmark import Measurement, Timer
 from torch.utils.benchmark.utils.common import TaskSpec, set_torch_threads
 from torch.utils.benchmark.utils.timer import timer as synchronised_clock
 
-__all__ = ["MIN_SAMPLES", "cpu_flags", "environment", "interleave", "measure", "merge", "summarize", "time_callable"]
+from lowformer.deploy.cpu import cpu_features
+
+__all__ = ["MIN_SAMPLES", "environment", "interleave", "measure", "merge", "summarize", "time_callable"]
 
 K = TypeVar("K")
 
@@ -20,42 +22,18 @@ def environment(device: torch.device | str = "cpu", threads: int | None = None) 
     """What a timing depends on: device name, torch version, threads and the load at the start."""
     import timm
     device = torch.device(device)
+    cpu = cpu_features()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_name()
+        name = cpu.model_name or platform.processor() or platform.machine()
     return {
         "device": name, "device_type": device.type, "torch_version": torch.__version__,
         "timm_version": timm.__version__,
         "threads": threads if threads is not None else torch.get_num_threads(),
         "load_avg_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "cpu_flags": " ".join(cpu_flags()),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "cpu_flags": " ".join(cpu.flags),
     }
-
-
-# the instruction sets the CPU backends' speed depends on
-_SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """Which of the speed-relevant instruction sets (AVX2, AVX-512, VNNI, BF16, AMX) Linux reports."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return [flag for flag in _SPEED_FLAGS if flag in flags]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # Samples a measurement takes at least when it times for a duration: with fewer, the quartiles (and so the

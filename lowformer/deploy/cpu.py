@@ -11,6 +11,8 @@ from typing import Any
 __all__ = ["CpuFeatures", "cpu_features", "cpu_has_vnni"]
 
 _CPUINFO = "/proc/cpuinfo"
+# the instruction sets the CPU backends' speed depends on, recorded with every timing
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class CpuFeatures:
     vnni: bool
     bf16: bool
     amx: bool
+    flags: tuple[str, ...] = ()  # the SPEED_FLAGS Linux reports, in that order
 
     @property
     def isa_class(self) -> str:
@@ -56,7 +59,7 @@ def _read_features(cpuinfo: str | os.PathLike) -> CpuFeatures:
     return CpuFeatures(
         model_name=name, avx2="avx2" in flags, avx512="avx512f" in flags,
         vnni=bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}), bf16=bool(flags & {"avx512_bf16", "amx_bf16"}),
-        amx=amx)
+        amx=amx, flags=tuple(f for f in SPEED_FLAGS if f in flags))
 
 
 @functools.lru_cache(maxsize=8)
