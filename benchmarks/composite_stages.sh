@@ -1,6 +1,6 @@
 # Shared by the composite CPU benchmarks (sourced): the three stages, resume tests, per-stage wall / CPU time.
 # stage_start; ...; stage_end NAME appends NAME=WALL,USER,SYS to the array `stages` for record_run.py.
-# composite_args "$@": DATA_DIR RUN_DIR -> DATA, RUN; PY, PRETRAIN_EPOCHS (default 20), THREADS (default 2).
+# composite_args "$@": DATA_DIR RUN_DIR -> DATA, RUN; PY, PRETRAIN_EPOCHS (default 28), THREADS (default 2).
 composite_args() {
   if [ $# -ne 2 ]; then
     echo "usage: $0 DATA_DIR RUN_DIR" >&2
@@ -9,7 +9,7 @@ composite_args() {
   DATA=$1
   RUN=${2%/}
   PY=${PYTHON:-python3}
-  PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-20}
+  PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-28}
   export OMP_NUM_THREADS=${THREADS:-2}
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$HERE
 }

@@ -10,7 +10,7 @@
 # 3. `lowformer seg eval` of RUN_DIR on the val split -> RUN_DIR/val_scores.json.
 # RUN_DIR/benchmark.json records the wall and process CPU time (user + sys) of every stage, the machine and
 # versions. Every stage resumes: rerunning the script after an interruption continues where it stopped.
-# Environment: PYTHON (default python3), PRETRAIN_EPOCHS (20), SEG_EPOCHS (the recipe's), THREADS (2).
+# Environment: PYTHON (default python3), PRETRAIN_EPOCHS (28), SEG_EPOCHS (the recipe's), THREADS (2).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=benchmarks/composite_stages.sh
