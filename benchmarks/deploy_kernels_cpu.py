@@ -11,14 +11,20 @@ models, so a change in machine load hits every candidate alike:
   without VNNI) for single convolution classes, several in parallel so the weights stream: the ceiling of the
   low-precision path before any glue between the convolutions.
 * ``overhead``: a tiny convolution through each call path, which is almost all per-call cost.
+* ``model``: whole models (``--models``, batch 1, 224x224), time per kernel class (1x1, k x k, depthwise and
+  transposed convolutions, attention, head, the rest) from each runtime's own profiler, summed over
+  ``--profile-runs`` calls: the deploy module under ``torch.profiler``, ONNX Runtime on the plain export under its
+  session profiler; plus both un-profiled, interleaved, as the whole-model reference.
 
-    python benchmarks/deploy_kernels_cpu.py              # all three, a few minutes
+    python benchmarks/deploy_kernels_cpu.py              # all four, a few minutes
     python benchmarks/deploy_kernels_cpu.py --only fp32
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
+import json
 import logging
 import os
 import sys
@@ -35,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowformer.bench.timing import environment, interleave, summarize  # noqa: E402
 from lowformer.deploy import deploy  # noqa: E402
-from lowformer.deploy.onnx import OrtModule, cpu_has_vnni, export_onnx, quantize_int8  # noqa: E402
+from lowformer.deploy.onnx import OrtModule, cpu_has_vnni, export_onnx, ort_session, quantize_int8  # noqa: E402
+from lowformer.models import create_model  # noqa: E402
 
 _logger = logging.getLogger("deploy_kernels_cpu")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -179,9 +186,101 @@ def overhead(rounds: int, min_time: float, writer: csv.DictWriter, env: dict) ->
         _logger.info("overhead %-40s min %.1f us  median %.1f us", name, best * 1e3, median * 1e3)
 
 
+def _conv_class(x: list[int], w: list[int], transposed: bool = False) -> str:
+    """Kernel class of a convolution from its input and weight shapes (``[O, I / groups, kh, kw]``)."""
+    if transposed:
+        return "transposed conv"
+    if len(w) != 4 or len(x) != 4:
+        return "conv (other)"
+    groups = x[1] // max(w[1], 1)
+    if groups > 1 and groups == x[1]:
+        return f"depthwise {w[2]}x{w[3]}"
+    return f"conv {w[2]}x{w[3]}" + (" grouped" if groups > 1 else "")
+
+
+_TORCH_CLASSES = {"aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::mm": "head (linear)",
+                  "aten::addmm": "head (linear)", "aten::linear": "head (linear)"}
+_ORT_CLASSES = {"MatMul": "attention", "Softmax": "attention", "Gemm": "head (linear)"}
+
+
+def _torch_kernel_classes(module: nn.Module, x: torch.Tensor, runs: int) -> dict[str, float]:
+    """ms per call by kernel class of ``module`` (self CPU time under ``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+    with torch.inference_mode():
+        for _ in range(3):
+            module(x)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(runs):
+                module(x)
+    out: collections.Counter = collections.Counter()
+    for e in prof.key_averages(group_by_input_shape=True):
+        shapes = e.input_shapes
+        if e.key == "mkldnn::_convolution_pointwise":
+            # the binary (fused residual) overload takes the residual second, the weight third
+            kind = _conv_class(shapes[0], shapes[2] if len(shapes) >= 12 else shapes[1])
+        elif e.key == "mkldnn::_convolution_transpose_pointwise":
+            kind = "transposed conv"
+        else:
+            kind = _TORCH_CLASSES.get(e.key, "other")
+        out[kind] += e.self_cpu_time_total / 1e3 / runs
+    return dict(out)
+
+
+def _ort_kernel_classes(path: Path, x: torch.Tensor, runs: int) -> dict[str, float]:
+    """ms per call by kernel class of the ONNX file at ``path`` (ONNX Runtime's node profile, one thread)."""
+    session = ort_session(path, 1, profile_prefix=str(path.with_suffix("")))
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    for _ in range(runs):
+        session.run(None, feed)
+    events = json.loads(Path(session.end_profiling()).read_text())
+    out: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        op, shapes = e["args"]["op_name"], [next(iter(s.values())) for s in e["args"].get("input_type_shape", [])]
+        if op in ("Conv", "FusedConv", "NchwcConv") and len(shapes) > 1:
+            kind = _conv_class(shapes[0], shapes[1])
+        elif op == "ConvTranspose":
+            kind = "transposed conv"
+        else:
+            kind = _ORT_CLASSES.get(op, "other")
+        out[kind] += e["dur"] / 1e3 / runs
+    return dict(out)
+
+
+def model_kernels(models: list[str], rounds: int, min_time: float, runs: int, workdir: Path,
+                  writer: csv.DictWriter, env: dict) -> None:
+    for name in models:
+        torch.manual_seed(0)
+        model = create_model(name).eval()
+        x = torch.randn(1, 3, 224, 224)
+        path = workdir / f"{name}.onnx"
+        export_onnx(model, path, x)
+        ort, deployed = OrtModule(path, 1), deploy(model, x)
+        with torch.inference_mode():
+            whole = interleaved({"onnxruntime": lambda: ort(x), "deploy": lambda: deployed(x)}, rounds, min_time)
+        classes = {"onnxruntime": _ort_kernel_classes(path, x, runs),
+                   "deploy": _torch_kernel_classes(deployed, x, runs)}
+        rows = [("whole model (not profiled)", {k: v[0] for k, v in whole.items()})]
+        rows += [(f"{kind} (profiled)", {k: classes[k].get(kind, 0.0) for k in classes})
+                 for kind in sorted({k for c in classes.values() for k in c})]
+        rows.append(("sum of kernels (profiled)", {k: sum(c.values()) for k, c in classes.items()}))
+        for what, times in rows:
+            for candidate, ms in times.items():
+                ratio = times["onnxruntime"] / ms if ms > 0 else float("nan")
+                writer.writerow({"section": "model", "case": f"{name}: {what}", "candidate": candidate,
+                                 "min_ms": f"{ms:.3f}", "median_ms": f"{whole[candidate][1]:.3f}" if what.startswith(
+                                     "whole") else "", "vs_first": f"{ratio:.2f}", **env})
+            _logger.info("model %-14s %-34s ORT %7.2f ms  deploy %7.2f ms", name, what, times["onnxruntime"],
+                         times["deploy"])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["fp32", "int8", "overhead"], nargs="+", default=["fp32", "int8", "overhead"])
+    p.add_argument("--only", choices=["fp32", "int8", "overhead", "model"], nargs="+",
+                   default=["fp32", "int8", "overhead", "model"])
+    p.add_argument("--models", nargs="+", default=["lowformer_b0", "lowformer_b1"], help="for the model section")
+    p.add_argument("--profile-runs", type=int, default=20, help="model section: profiled calls per runtime")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per candidate per round")
     p.add_argument("--out", type=Path, default=None)
@@ -204,6 +303,8 @@ def main() -> int:
             int8_convs(args.rounds, args.min_time, Path(tmp), writer, row_env)
         if "overhead" in args.only:
             overhead(args.rounds, args.min_time, writer, row_env)
+        if "model" in args.only:
+            model_kernels(args.models, args.rounds, args.min_time, args.profile_runs, Path(tmp), writer, row_env)
     _logger.info("wrote %s", out)
     return 0
 

@@ -259,3 +259,21 @@ def test_export_flag_aliases_and_opset(tmp_path):
     assert main(["export", "test_efficientnet", "--image-size", "32", "--opset", "17", "--device", "cpu",
                  "--out", str(out)]) == 0
     assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {17}
+
+
+def test_ort_session_profile_records_every_node_of_each_run(tmp_path):
+    import json
+
+    from lowformer.deploy.onnx import ort_session
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    export_onnx(model, tmp_path / "m.onnx", x)
+    session = ort_session(tmp_path / "m.onnx", 1, profile_prefix=str(tmp_path / "prof"))
+    for _ in range(3):
+        session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    assert len(runs) == 3 and kernels and len(kernels) % 3 == 0
+    assert all("op_name" in e["args"] and e["dur"] >= 0 for e in kernels)
+    assert OrtModule(tmp_path / "m.onnx").session.get_session_options().enable_profiling is False
