@@ -186,10 +186,8 @@ def overhead(rounds: int, min_time: float, writer: csv.DictWriter, env: dict) ->
         _logger.info("overhead %-40s min %.1f us  median %.1f us", name, best * 1e3, median * 1e3)
 
 
-def _conv_class(x: list[int], w: list[int], transposed: bool = False) -> str:
+def _conv_class(x: list[int], w: list[int]) -> str:
     """Kernel class of a convolution from its input and weight shapes (``[O, I / groups, kh, kw]``)."""
-    if transposed:
-        return "transposed conv"
     if len(w) != 4 or len(x) != 4:
         return "conv (other)"
     groups = x[1] // max(w[1], 1)
@@ -198,9 +196,10 @@ def _conv_class(x: list[int], w: list[int], transposed: bool = False) -> str:
     return f"conv {w[2]}x{w[3]}" + (" grouped" if groups > 1 else "")
 
 
-_TORCH_CLASSES = {"aten::_scaled_dot_product_flash_attention_for_cpu": "attention", "aten::mm": "head (linear)",
+_TORCH_CLASSES = {"aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+                  "aten::scaled_dot_product_attention": "attention", "aten::mm": "head (linear)",
                   "aten::addmm": "head (linear)", "aten::linear": "head (linear)"}
-_ORT_CLASSES = {"MatMul": "attention", "Softmax": "attention", "Gemm": "head (linear)"}
+_ORT_CLASSES = {"Softmax": "attention", "Gemm": "head (linear)"}
 
 
 def _torch_kernel_classes(module: nn.Module, x: torch.Tensor, runs: int) -> dict[str, float]:
@@ -242,6 +241,9 @@ def _ort_kernel_classes(path: Path, x: torch.Tensor, runs: int) -> dict[str, flo
             kind = _conv_class(shapes[0], shapes[1])
         elif op == "ConvTranspose":
             kind = "transposed conv"
+        elif op == "MatMul":
+            # a linear layer exports as MatMul with a 2-D weight; attention's products are batched 4-D
+            kind = "head (linear)" if len(shapes) > 1 and len(shapes[1]) == 2 else "attention"
         else:
             kind = _ORT_CLASSES.get(op, "other")
         out[kind] += e["dur"] / 1e3 / runs
