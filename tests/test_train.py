@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -73,6 +74,35 @@ def test_weight_decay_exemption_is_by_name_substring():
     assert sorted(names[id(p)] for p in decay["params"]) == ["main.0.weight", "main.1.weight"]  # GroupNorm decayed
     assert sorted(names[id(p)] for p in no_decay["params"]) == ["main.0.bias", "main.1.bias", "norm.bias", "norm.weight"]
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+
+
+def test_lr_scale_groups_follow_the_schedule_by_name_prefix():
+    from lowformer.train.config import ConfigError, config_from_dict
+    from lowformer.train.setup import build_optimizer, build_scheduler
+    model = torch.nn.Sequential()
+    model.add_module("encoder", torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)))
+    model.add_module("encoder_head", torch.nn.Conv2d(3, 2, 1))  # prefix "encoder." must not catch it
+    model.add_module("head", torch.nn.Conv2d(2, 2, 1))
+    cfg = config_from_dict({"run_config": {"lr_scale": {"encoder.": 0.1, "encoder.1.": 0.5}, "warmup_epochs": 1,
+                                           "warmup_lr": 0.0, "weight_decay": 0.05}})
+    opt = build_optimizer(model, cfg, lr=0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {tuple(sorted(names[id(p)] for p in g["params"])): g for g in opt.param_groups}
+    assert {k: (g.get("lr_scale", 1.0), g["weight_decay"]) for k, g in groups.items()} == {
+        ("encoder_head.weight", "head.weight"): (1.0, 0.05), ("encoder_head.bias", "head.bias"): (1.0, 0.0),
+        ("encoder.0.weight",): (0.1, 0.05), ("encoder.0.bias",): (0.1, 0.0),
+        ("encoder.1.weight",): (0.5, 0.05), ("encoder.1.bias",): (0.5, 0.0)}  # the longest prefix wins
+    sched = build_scheduler(opt, cfg, warmup=2, total=4)
+    for t in (0, 3):
+        sched.step_update(t)
+        lrs = {k[0]: g["lr"] for k, g in groups.items()}
+        peak = 0.2 * ((t + 1) / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 4)))
+        assert lrs == pytest.approx({"encoder_head.weight": peak, "encoder_head.bias": peak, "encoder.0.weight":
+                                     0.1 * peak, "encoder.0.bias": 0.1 * peak, "encoder.1.weight": 0.5 * peak,
+                                     "encoder.1.bias": 0.5 * peak})
+    for bad, match in (({"backbone": 0.1}, "no parameter name starts with 'backbone'"), ({"head": -1}, ">= 0")):
+        with pytest.raises(ConfigError, match=match):
+            build_optimizer(model, config_from_dict({"run_config": {"lr_scale": bad}}), lr=0.1)
 
 
 def test_resolution_schedule_is_identical_on_every_rank():

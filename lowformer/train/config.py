@@ -111,6 +111,9 @@ class RunConfig:
     optimizer_params: dict = field(default_factory=dict)
     weight_decay: float = field(default=0.1, metadata=_NONNEG)
     no_wd_keys: tuple[str, ...] = ("norm", "bias")
+    # {name prefix: factor}: parameters whose name starts with a prefix train at factor x the schedule's lr
+    # (mmseg's paramwise_cfg custom_keys lr_mult), e.g. {net.encoder: 0.1} keeps a pre-trained encoder close
+    lr_scale: dict = field(default_factory=dict)
     grad_clip: Union[float, None] = field(default=2.0, metadata=_range(0, lo_open=True))
     reset_bn: bool = True
     reset_bn_size: int = field(default=16000, metadata=_POS)
@@ -482,7 +485,7 @@ RESUME_SAFE_KEYS = frozenset({"data_provider.data_dir", "data_provider.n_worker"
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict) or (prefix and prefix.rstrip(".").rsplit(".", 1)[-1] in ("kwargs", "optimizer_params",
-                                                                                      "lr_schedule_param")):
+                                                                                      "lr_schedule_param", "lr_scale")):
         return {prefix.rstrip("."): d}
     out: dict[str, Any] = {}
     for k, v in d.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -93,20 +93,43 @@ class DropPathSchedule:
             module.drop_prob = p * scale
 
 
-def no_weight_decay_groups(model: nn.Module, weight_decay: float, no_wd_keys: Iterable[str]) -> list[dict]:
-    """Two parameter groups: no decay for every parameter whose name contains one of ``no_wd_keys``.
+def no_weight_decay_groups(model: nn.Module, weight_decay: float, no_wd_keys: Iterable[str],
+                           lr_scale: Mapping[str, float] | None = None) -> list[dict]:
+    """Parameter groups: no decay for every parameter whose name contains one of ``no_wd_keys``, and
+    ``lr_scale`` (timm's per-group key, which its schedulers multiply into the lr) for every parameter whose
+    own name starts with one of ``lr_scale``'s prefixes (the longest matching prefix wins).
 
-    Names are the original repository's where the family registered its layout (LowFormer), so the rule
-    decays exactly what the original decays: the GroupNorm pre-norms (``...main.0.weight``) and the
+    No-decay names are the original repository's where the family registered its layout (LowFormer), so the
+    rule decays exactly what the original decays: the GroupNorm pre-norms (``...main.0.weight``) and the
     attention BNs (``...conv_proj.1.weight``) but not the head LayerNorm (``head.op_list.2.norm``)."""
     keys = tuple(no_wd_keys)
+    prefixes = sorted((lr_scale or {}).items(), key=lambda kv: -len(kv[0]))
     params = dict(model.named_parameters())
-    names = list(to_original_layout(params, model))
-    decay, no_decay = [], []
-    for name, p in zip(names, params.values()):
+    # the two unscaled groups always exist, in this order, so optimizer states of older runs still load
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(False, 1.0): [], (True, 1.0): []}
+    for name, original, p in zip(params, to_original_layout(params, model), params.values()):
         if p.requires_grad:
-            (no_decay if any(k in name for k in keys) else decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+            scale = next((float(f) for prefix, f in prefixes if name.startswith(prefix)), 1.0)
+            groups.setdefault((any(k in original for k in keys), scale), []).append(p)
+    out = []
+    for (no_decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, kv[0])):
+        group = dict(params=ps, weight_decay=0.0 if no_decay else weight_decay)
+        if scale != 1.0:
+            group["lr_scale"] = scale
+        out.append(group)
+    return out
+
+
+def check_lr_scale(model: nn.Module, lr_scale: Mapping[str, float]) -> None:
+    """Every ``run_config.lr_scale`` prefix must name some parameter and carry a factor >= 0."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix, factor in lr_scale.items():
+        if not isinstance(factor, (int, float)) or factor < 0:
+            raise ConfigError(f"config key 'run_config.lr_scale.{prefix}': {factor!r} is not a number >= 0")
+        if not any(n.startswith(prefix) for n in names):
+            top = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"config key 'run_config.lr_scale': no parameter name starts with '{prefix}' "
+                              f"(top-level modules: {', '.join(top)})")
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -115,10 +138,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.opti
     params = dict(rc.optimizer_params)
     if "betas" in params:
         params["betas"] = tuple(params["betas"])
+    check_lr_scale(model, rc.lr_scale)
     try:
         return create_optimizer_v2(
             model, opt=rc.optimizer_name, lr=lr, weight_decay=rc.weight_decay,
-            param_group_fn=lambda m: no_weight_decay_groups(m, rc.weight_decay, rc.no_wd_keys), **params)
+            param_group_fn=lambda m: no_weight_decay_groups(m, rc.weight_decay, rc.no_wd_keys, rc.lr_scale),
+            **params)
     except (TypeError, ValueError, AssertionError) as e:
         raise ConfigError(f"run_config.optimizer_name/optimizer_params: {e}") from None
 
