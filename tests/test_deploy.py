@@ -11,6 +11,7 @@ import timm
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, GroupNorm1
 from timm.models import model_entrypoint
 
@@ -19,7 +20,7 @@ from lowformer.bench.complexity import count_params
 from lowformer.deploy import passes as P
 from lowformer.deploy.check import DEFAULT_RTOL, compare_outputs, count_norms
 from lowformer.deploy.graph import trace
-from lowformer.deploy.modules import MkldnnConv2d
+from lowformer.deploy.modules import MkldnnConv2d, MkldnnLinear
 from lowformer.errors import LowformerError
 
 
@@ -131,6 +132,47 @@ def test_conv_post_ops_absorb_activations_and_conv_add_the_residual():
     assert_same(model, gm, x, torch.randn(2, 8, 10, 7))
 
 
+def test_pointwise_matmul_takes_1x1_convs_and_linears_with_their_activation_and_residual():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)                      # k x k: stays a convolution
+            self.expand, self.act = nn.Conv2d(8, 32, 1), nn.GELU(approximate="tanh")
+            self.project = nn.Conv2d(32, 8, 1)                             # + x below: a binary post-op
+            self.down = nn.Conv2d(8, 16, 1, stride=2)                      # strided 1x1: stays a convolution
+            self.fc1, self.fc2 = nn.Linear(16, 24), nn.Linear(24, 5, bias=False)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = self.project(self.act(self.expand(x))) + x
+            return self.fc2(F.hardswish(self.fc1(self.down(x).mean((2, 3)))))
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 6, 10).contiguous(memory_format=torch.channels_last)
+    gm = P.conv_add(P.conv_post_ops(P.pointwise_matmul(P.propagate_shapes(trace(model), x))))
+    layers = [m for m in gm.modules() if isinstance(m, (MkldnnConv2d, MkldnnLinear))]
+    assert [(type(m), m.attr, m.other) for m in layers] == [
+        (MkldnnConv2d, "none", None), (MkldnnLinear, "gelu", None), (MkldnnLinear, "none", "add"),
+        (MkldnnConv2d, "none", None), (MkldnnLinear, "hardswish", None), (MkldnnLinear, "none", None)]
+    assert [m.rows for m in layers if isinstance(m, MkldnnLinear)] == [120, 120, 2, 2]  # N*H*W or N
+    for m in layers:
+        m.prepack()
+    assert all(m.packed is not None for m in layers)
+    # the traced shape, other row counts than the packed ones, and contiguous (not channels-last) input
+    assert_same(model, gm, x, torch.randn(1, 3, 9, 5).contiguous(memory_format=torch.channels_last),
+                torch.randn(3, 3, 6, 10))
+
+
+def test_pointwise_matmul_is_a_default_pass_only_with_avx512(monkeypatch):
+    from lowformer.deploy.cpu import CpuFeatures
+    for avx512 in (True, False):
+        features = CpuFeatures(model_name="test", avx2=True, avx512=avx512, vnni=False, bf16=False, amx=False,
+                               flags=())
+        monkeypatch.setattr(P, "cpu_features", lambda features=features: features)
+        assert ("pointwise_matmul" in P.default_passes()) is avx512
+        assert set(P.default_passes()) | {"pointwise_matmul"} == set(P.PASSES)
+
+
 def test_passes_are_pure():
     model = randomize_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
     gm = trace(model)
@@ -178,7 +220,8 @@ def test_reparameterize_folds_fuse_methods():
     model = nn.Sequential(Branches(), Mixer()).eval()
     deployed = lowformer.deploy(model, torch.randn(1, 3, 5, 5))
     assert "reparameterize" in deployed.report["passes"]
-    assert [type(m) for m in deployed.module.modules() if isinstance(m, (nn.Conv2d, MkldnnConv2d))] == [MkldnnConv2d] * 2
+    layers = [type(m) for m in deployed.module.modules() if isinstance(m, (nn.Conv2d, MkldnnConv2d, MkldnnLinear))]
+    assert len(layers) == 2 and nn.Conv2d not in layers  # two oneDNN kernels, whichever this CPU's passes chose
     assert_same(model, deployed, torch.randn(2, 3, 7, 6))
 
 

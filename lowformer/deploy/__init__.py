@@ -24,8 +24,8 @@ from lowformer.deploy.check import DEFAULT_RTOL, DeployMismatchError, count_norm
 from lowformer.deploy.cpu import cpu_features
 from lowformer.deploy.fold import fold_input_size, needs_input_size_folding
 from lowformer.deploy.graph import trace
-from lowformer.deploy.modules import MkldnnConv2d, mkldnn_available
-from lowformer.deploy.passes import CPU_PASSES, PASSES, PORTABLE_PASSES, propagate_shapes
+from lowformer.deploy.modules import MkldnnConv2d, MkldnnLinear, mkldnn_available
+from lowformer.deploy.passes import CPU_PASSES, PASSES, PORTABLE_PASSES, default_passes, propagate_shapes
 from lowformer.errors import LowformerError
 
 __all__ = ["deploy", "reparameterize", "DeployedModel", "DeployMismatchError", "PRECISIONS", "RUNTIMES",
@@ -104,7 +104,7 @@ def deploy(
             with native bf16), or ``int8`` (ONNX Runtime static quantization; needs ``calibration``).
         calibration: images (a tensor N x C x H x W or an iterable of batches), preprocessed as for
             evaluation; used by ``int8`` only.
-        passes: names of passes to run (default: all of ``PASSES`` that apply on this machine).
+        passes: names of passes to run (default: ``default_passes()``, all of ``PASSES`` that pay on this CPU).
         verify: compare with the eager model on ``example_input`` (int8: on the first calibration batches) and
             raise DeployMismatchError on mismatch.
         min_cosine: for bf16 / int8, the lowest per-sample cosine to the eager outputs accepted (default
@@ -143,7 +143,7 @@ def deploy(
         return deploy_openvino(model, example_input, precision, calibration, threads or torch.get_num_threads(),
                                deploy_graph=True, accuracy_control=accuracy_control, verify=verify,
                                min_cosine=MIN_COSINE.get(precision) if min_cosine is None else min_cosine)
-    names = list(PASSES) if passes is None else list(passes)
+    names = default_passes() if passes is None else list(passes)
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise LowformerError(f"unknown deploy pass(es) {unknown}: available {list(PASSES)}")
@@ -182,7 +182,7 @@ def deploy(
             gm = propagate_shapes(gm, x.contiguous(memory_format=torch.channels_last) if channels_last else x)
             gm = _apply_passes(gm, {n: CPU_PASSES[n] for n in names if n in CPU_PASSES}, applied)
             for m in gm.modules():
-                if isinstance(m, MkldnnConv2d):
+                if isinstance(m, (MkldnnConv2d, MkldnnLinear)):
                     m.prepack()
         module = gm
     elif dtype != torch.float32:

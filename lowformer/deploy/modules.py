@@ -7,12 +7,13 @@ the slow im2col path, re-orders its weights on every call, and runs the activati
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activation_attr", "MkldnnConv2d", "mkldnn_available"]
+__all__ = ["ACTIVATIONS", "activation_attr", "MkldnnConv2d", "MkldnnLinear", "is_pointwise_conv", "mkldnn_available"]
 
 # functional / module activations oneDNN can apply as a convolution post-op, by oneDNN attr name
 ACTIVATIONS = {
@@ -42,7 +43,20 @@ def activation_attr(mod: nn.Module) -> tuple[str, list, str] | None:
     return None
 
 
-class MkldnnConv2d(nn.Module):
+class _PostOpModule(nn.Module):
+    """A oneDNN kernel with a fused activation (``attr``) that may also add a second input (``other``)."""
+
+    attr: str
+    other: str | None
+
+    def with_residual(self) -> _PostOpModule:
+        """A copy that adds its second input to the output (a binary post-op)."""
+        new = copy.copy(self)
+        new.other = "add"
+        return new
+
+
+class MkldnnConv2d(_PostOpModule):
     """A Conv2d or ConvTranspose2d (+ activation, + residual add for Conv2d) computed by one oneDNN call.
 
     ``forward(x)`` or, after :meth:`with_residual`, ``forward(x, other)`` = act(conv(x)) + other.
@@ -61,12 +75,6 @@ class MkldnnConv2d(nn.Module):
         self.input_shape = None if input_shape is None else list(input_shape)
         self.other: str | None = None
         self.packed: torch.Tensor | None = None
-
-    def with_residual(self) -> MkldnnConv2d:
-        """A copy that adds its second input to the output (a binary post-op)."""
-        new = copy.copy(self)
-        new.other = "add"
-        return new
 
     def prepack(self) -> None:
         """Re-order the weights once for the recorded input shape (they were re-ordered on every call)."""
@@ -98,3 +106,56 @@ class MkldnnConv2d(nn.Module):
         return (f"transposed={self.transposed}, kernel_size={tuple(self.weight.shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}, post_op={self.attr}, "
                 f"residual={self.other is not None}, packed={self.packed is not None}")
+
+
+def is_pointwise_conv(conv: nn.Module) -> bool:
+    """A 1x1 convolution without stride, padding or groups: a matmul over channels at every pixel."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+class MkldnnLinear(_PostOpModule):
+    """A Linear, or a 1x1 convolution (:func:`is_pointwise_conv`) computed on the ``[N*H*W, C]`` view of its
+    channels-last input, as one oneDNN matmul (+ activation, + residual add) with pre-packed weights.
+
+    oneDNN's matmul skips the convolution primitive's per-call set-up and blocked-layout handling, which at
+    batch 1 costs more than the arithmetic of a small 1x1 convolution."""
+
+    def __init__(self, layer: nn.Linear | nn.Conv2d, post_op: tuple[str, list, str] | None = None,
+                 input_shape: torch.Size | None = None) -> None:
+        super().__init__()
+        self.conv = isinstance(layer, nn.Conv2d)
+        self.weight = nn.Parameter(layer.weight.detach().flatten(1).clone(), requires_grad=False)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.attr, self.scalars, self.algorithm = post_op or ("none", [], "")
+        self.other = None
+        self.rows = None
+        if input_shape is not None:
+            dims = list(input_shape)
+            self.rows = dims[0] * dims[2] * dims[3] if self.conv else math.prod(dims[:-1])
+        self.packed: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        """Re-order the weights once for the recorded number of rows (any other count still computes correctly)."""
+        if self.rows is not None and self.weight.dtype in (torch.float32, torch.bfloat16):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.rows)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        # a view for channels-last input (what deploy feeds), a copy otherwise
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if self.conv else x.reshape(-1, x.shape[-1])
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.packed if self.packed is not None and x.dtype == self.weight.dtype else self.weight
+        if self.other is None:
+            y = torch.ops.mkldnn._linear_pointwise(self._rows(x), w, self.bias, self.attr, self.scalars,
+                                                   self.algorithm)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise.binary(self._rows(x), self._rows(other), w, self.bias, self.other)
+        if self.conv:
+            n, _, h, w_ = x.shape
+            return y.view(n, h, w_, -1).permute(0, 3, 1, 2)
+        return y.view(*x.shape[:-1], -1)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, conv1x1={self.conv}, "
+                f"post_op={self.attr}, residual={self.other is not None}, packed={self.packed is not None}")
