@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Semantic FPN + LowFormer-B0 on the composite set, the whole CPU recipe, then its validation score.
 #
-#   benchmarks/detection_composite.sh DATA_DIR RUN_DIR
+#   benchmarks/segmentation_composite.sh DATA_DIR RUN_DIR
 #
 # 1. (PRETRAIN_EPOCHS > 0) a LowFormer-B0 classifier on DATA_DIR/../cifar10 with `lowformer train`
 #    (configs/cls/cifar10/b0.yaml) into RUN_DIR_cifar10;
