@@ -122,6 +122,20 @@ def test_deploy_int8_leaves_no_temporary_folder(tmp_path, monkeypatch):
     assert not list(private.iterdir())
 
 
+def test_int8_backend_writes_the_requested_opset(tmp_path):
+    import onnx
+
+    from lowformer.deploy.backends import prepare
+    from lowformer.deploy.onnx import deploy_int8
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten()).eval()
+    x = torch.randn(4, 3, 12, 12)
+    assert prepare(model, "onnxruntime-int8", x, opset=17).info["opset"] == 17
+    out = tmp_path / "int8.onnx"
+    deploy_int8(model, x[:1], x, out_path=out, min_cosine=0.9, opset=17)
+    assert {o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")} == {17}
+
+
 def test_int8_export_needs_calibration_images(tmp_path, capsys):
     out = tmp_path / "q.onnx"
     assert main(["export", "test_efficientnet", "--precision", "int8", "--out", str(out)]) == 2

@@ -316,8 +316,9 @@ def _onnxruntime_int8(model: nn.Module, x: torch.Tensor, threads: int, options: 
     if x.device.type != "cpu":
         raise LowformerError("onnxruntime-int8 runs on the CPU: use --device cpu")
     calibration = options.calibration if options.calibration is not None else x
-    module = deploy_int8(model, x[:1], calibration, threads=threads, min_cosine=-1.0)
-    info = {"session_threads": module.threads, "opset": OPSET,
+    opset = options.opset or OPSET
+    module = deploy_int8(model, x[:1], calibration, threads=threads, min_cosine=-1.0, opset=opset)
+    info = {"session_threads": module.threads, "opset": opset,
             "int8_cosine": module.report["check"]["min_cosine"]}
 
     def run() -> torch.Tensor:

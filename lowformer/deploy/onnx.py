@@ -303,9 +303,9 @@ def deploy_int8(model: nn.Module, example_input: torch.Tensor,
                 calibration: Iterable[torch.Tensor] | torch.Tensor | None,
                 passes: Iterable[str] | None = None, verify: bool = True, threads: int = 1,
                 out_path: str | os.PathLike | None = None, min_cosine: float | None = INT8_MIN_COSINE,
-                reduce_range: bool | None = None) -> OrtModule:
+                reduce_range: bool | None = None, opset: int = OPSET) -> OrtModule:
     """The portable deploy graph through :func:`quantize_checked` (``reduce_range``: see :func:`quantize_int8`)."""
     calibration = calibration_batches(calibration)
     return quantize_checked(portable_deploy(model, example_input, passes), model, example_input, calibration,
                             out_path=out_path, verify=verify, min_cosine=min_cosine, reduce_range=reduce_range,
-                            threads=threads)
+                            opset=opset, threads=threads)
