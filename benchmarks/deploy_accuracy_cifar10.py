@@ -31,6 +31,7 @@ import lowformer  # noqa: E402
 from lowformer.bench.timing import environment  # noqa: E402
 from lowformer.data import ImageFolderDataset, eval_transform  # noqa: E402
 from lowformer.deploy.onnx import deploy_int8  # noqa: E402
+from lowformer.files import atomic_output  # noqa: E402
 
 _logger = logging.getLogger("deploy_accuracy_cifar10")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,14 +108,13 @@ def main() -> int:
     env = environment("cpu", args.threads)
     stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
     out = args.out or RESULTS / f"deploy_accuracy_cifar10_{stamp}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
     fields = ["model", "path", "image_size", "val_images", "top1", "top1_delta", "val_agreement", "val_mean_cosine",
               "val_min_cosine", "val_share_cosine_099", "real_images", "real_agreement", "real_mean_cosine",
               "real_min_cosine", "real_share_cosine_099",
               "calibration_images", "checkpoint", "device", "torch", "threads", "load_avg_1m", "date"]
     ref_val, ref_real = logits(model, val_x), logits(model, real_x)
     ref_top1 = 100 * (ref_val.argmax(1) == val_y).float().mean().item()
-    with out.open("w", newline="") as f:
+    with atomic_output(out) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for name, module in paths.items():

@@ -4,7 +4,8 @@ For each model, batch size and thread count, every backend of the one backend ta
 (``lowformer.deploy.backends``) is prepared (its outputs checked against the eager model) and warmed up, then
 timed in rounds through ``lowformer.bench.timing``: each round times every backend once, so a change in machine
 load hits all backends alike. One CSV row per (model, batch, threads, backend) is appended as soon as its
-configuration finishes, with the CPU's instruction-set flags, versions and the load.
+configuration finishes, with the CPU's instruction-set flags, versions and the load, to a temporary file beside the
+output that replaces it when the run completes (an existing file is kept if the run fails).
 
     python benchmarks/deploy_cpu.py             # full: B0 B1 B1.5 B3 E1 EdgeFormer-S, batch 1 and 16, 1 and 2 threads
     python benchmarks/deploy_cpu.py --quick              # B0 and B1, batch 1, one thread
@@ -36,6 +37,7 @@ from lowformer.bench.timing import environment, measure  # noqa: E402
 from lowformer.data import eval_transform, load_image  # noqa: E402
 from lowformer.deploy.backends import prepare  # noqa: E402
 from lowformer.deploy.cpu import cpu_features  # noqa: E402
+from lowformer.files import atomic_output  # noqa: E402
 
 _logger = logging.getLogger("deploy_cpu")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,7 +121,7 @@ def accuracy(models: list[str], count: int, out: Path) -> None:
     from lowformer.deploy.onnx import deploy_int8
     from lowformer.deploy.openvino import deploy_openvino
     env = environment("cpu", 1)
-    with out.open("w", newline="") as f:
+    with atomic_output(out) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "precision", "images", "mean_cosine", "min_cosine", "top1_agreement", "weights",
                          "device", "cpu_class", "torch"])
@@ -180,7 +182,8 @@ def main() -> int:
     fields = ["model", "backend", "batch", "threads", "median_ms", "min_ms", "images_per_s", "gflops", "rounds",
               "macs_per_image_m", "load_min", "load_max", "device", "cpu_class", "cpu_flags", "cpu_count", "torch",
               "openvino", "onnxruntime", "note"]
-    with out.open("w", newline="") as f, tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
+    with atomic_output(out) as partial, partial.open("w", newline="") as f, \
+            tempfile.TemporaryDirectory(prefix="deploy-bench-") as tmp:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for threads in threads_list:  # the headline setting (one thread, batch 1) first, for every model

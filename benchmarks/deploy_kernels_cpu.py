@@ -14,7 +14,8 @@ models, so a change in machine load hits every candidate alike:
 * ``model``: whole models (``--models``, batch 1, 224x224), time per kernel class (1x1, k x k, depthwise and
   transposed convolutions, attention, head, the rest) from each runtime's own profiler, summed over
   ``--profile-runs`` calls: the deploy module under ``torch.profiler``, ONNX Runtime on the plain export under its
-  session profiler; plus both un-profiled, interleaved, as the whole-model reference.
+  session profiler; plus both un-profiled, interleaved, as the whole-model reference. The deploy module is also
+  timed without its ``pointwise_matmul`` pass (1x1 convolutions as oneDNN convolutions), to show what it gives.
 
     python benchmarks/deploy_kernels_cpu.py              # all four, a few minutes
     python benchmarks/deploy_kernels_cpu.py --only fp32
@@ -42,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowformer.bench.timing import environment, interleave, summarize  # noqa: E402
 from lowformer.deploy import deploy  # noqa: E402
 from lowformer.deploy.onnx import OrtModule, cpu_has_vnni, export_onnx, ort_session, quantize_int8  # noqa: E402
+from lowformer.deploy.passes import default_passes  # noqa: E402
+from lowformer.files import atomic_output  # noqa: E402
 from lowformer.models import create_model  # noqa: E402
 
 _logger = logging.getLogger("deploy_kernels_cpu")
@@ -214,7 +217,10 @@ def _torch_kernel_classes(module: nn.Module, x: torch.Tensor, runs: int) -> dict
     out: collections.Counter = collections.Counter()
     for e in prof.key_averages(group_by_input_shape=True):
         shapes = e.input_shapes
-        if e.key == "mkldnn::_convolution_pointwise":
+        if e.key in ("mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary"):
+            # a 1x1 convolution as a matmul has a row per pixel; the head's linears one per image
+            kind = "head (linear)" if shapes and shapes[0] and shapes[0][0] == x.shape[0] else "conv 1x1"
+        elif e.key == "mkldnn::_convolution_pointwise":
             # the binary (fused residual) overload takes the residual second, the weight third
             kind = _conv_class(shapes[0], shapes[2] if len(shapes) >= 12 else shapes[1])
         elif e.key == "mkldnn::_convolution_transpose_pointwise":
@@ -258,11 +264,17 @@ def model_kernels(models: list[str], rounds: int, min_time: float, runs: int, wo
         x = torch.randn(1, 3, 224, 224)
         path = workdir / f"{name}.onnx"
         export_onnx(model, path, x)
+        # "deploy" runs this CPU's default passes; "deploy (no pointwise_matmul)" keeps the 1x1 convolutions as
+        # oneDNN convolutions, which shows what the matmul pass gives on this CPU
         ort, deployed = OrtModule(path, 1), deploy(model, x)
+        as_conv = deploy(model, x, passes=[n for n in default_passes() if n != "pointwise_matmul"])
+        candidates = {"onnxruntime": lambda: ort(x), "deploy": lambda: deployed(x),
+                      "deploy (no pointwise_matmul)": lambda: as_conv(x)}
         with torch.inference_mode():
-            whole = interleaved({"onnxruntime": lambda: ort(x), "deploy": lambda: deployed(x)}, rounds, min_time)
+            whole = interleaved(candidates, rounds, min_time)
         classes = {"onnxruntime": _ort_kernel_classes(path, x, runs),
-                   "deploy": _torch_kernel_classes(deployed, x, runs)}
+                   "deploy": _torch_kernel_classes(deployed, x, runs),
+                   "deploy (no pointwise_matmul)": _torch_kernel_classes(as_conv, x, runs)}
         rows = [("whole model (not profiled)", {k: v[0] for k, v in whole.items()})]
         rows += [(f"{kind} (profiled)", {k: classes[k].get(kind, 0.0) for k in classes})
                  for kind in sorted({k for c in classes.values() for k in c})]
@@ -273,8 +285,8 @@ def model_kernels(models: list[str], rounds: int, min_time: float, runs: int, wo
                 writer.writerow({"section": "model", "case": f"{name}: {what}", "candidate": candidate,
                                  "min_ms": f"{ms:.3f}", "median_ms": f"{whole[candidate][1]:.3f}" if what.startswith(
                                      "whole") else "", "vs_first": f"{ratio:.2f}", **env})
-            _logger.info("model %-14s %-34s ORT %7.2f ms  deploy %7.2f ms", name, what, times["onnxruntime"],
-                         times["deploy"])
+            _logger.info("model %-14s %-34s ORT %7.2f ms  deploy %7.2f ms  without pointwise_matmul %7.2f ms", name,
+                         what, times["onnxruntime"], times["deploy"], times["deploy (no pointwise_matmul)"])
 
 
 def main() -> int:
@@ -296,7 +308,8 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"deploy_kernels_cpu_{time.strftime('%Y%m%d-%H%M', time.gmtime())}.csv"
     fields = ["section", "case", "candidate", "min_ms", "median_ms", "gflops", "vs_first", "weights_mb", *row_env]
-    with out.open("w", newline="") as f, tempfile.TemporaryDirectory(prefix="deploy-kernels-") as tmp:
+    with atomic_output(out) as partial, partial.open("w", newline="") as f, \
+            tempfile.TemporaryDirectory(prefix="deploy-kernels-") as tmp:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         if "fp32" in args.only:
