@@ -156,7 +156,7 @@ def test_openvino_int8_ranges_cover_every_calibration_image():
     q = lowformer.deploy(model, images[:1], runtime="openvino", precision="int8", calibration=images, min_cosine=-1.0)
     with torch.inference_mode():
         cosine = torch.nn.functional.cosine_similarity(q(images), model(images))
-    assert cosine[0] >= 0.999 and cosine.min() >= 0.999
+    assert cosine.min() >= 0.999
 
 
 @pytest.mark.slow
