@@ -32,6 +32,9 @@ def test_override_values_parse_as_yaml_1_2():
     assert out == {"a": {"b": 0.001, "c": [128, 160]}, "d": True, "e": None, "f": "128-160", "g": {"x": 1},
                    "h": 250.0}
     assert load_config("configs/cls/imagenet/b1.yaml", ["--run_config.base_lr", "1e-3"]).run_config.base_lr == 0.001
+    # keys holding dots (parameter-name prefixes) are set as one mapping value, not as a dotted path
+    scale = load_config("configs/cls/imagenet/b1.yaml", ["--run_config.lr_scale", "{net.encoder:0.1, head: 2}"])
+    assert scale.run_config.lr_scale == {"net.encoder": 0.1, "head": 2}
 
 
 @pytest.mark.parametrize("tokens, message", [

@@ -1,18 +1,31 @@
 """Every detection and segmentation recipe in configs/ validates and builds its model (no data, no training)."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-import lowformer.detection.task  # noqa: F401  (registers the detection section)
-import lowformer.segmentation.task  # noqa: F401  (registers the segmentation section)
 from lowformer.train import load_config
 from lowformer.train.config import peak_lr
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 DET = sorted((CONFIGS / "det").rglob("*.yaml"))
 SEG = sorted((CONFIGS / "seg").rglob("*.yaml"))
+
+
+def test_a_recipe_loads_without_importing_its_task_first():
+    # A fresh interpreter: nothing but lowformer.train imported, as a user of the Python API or `lowformer train`.
+    code = ("from lowformer.train import load_config\n"
+            "from lowformer.train.task import _TASKS\n"
+            f"d = load_config({str(CONFIGS / 'det' / 'composite_retinanet_b0.yaml')!r})\n"
+            f"s = load_config({str(CONFIGS / 'seg' / 'composite' / 'fpn_b0.yaml')!r})\n"
+            "print(d.task, d.section('detection').arch, s.task, s.section('segmentation').arch, ','.join(sorted(_TASKS)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "detection" and out[2:4] == ["segmentation", "semantic_fpn"]
+    assert out[1] == load_config(CONFIGS / "det" / "composite_retinanet_b0.yaml").section("detection").arch
+    assert {"detection", "segmentation"} <= set(out[4].split(","))
 
 
 def test_the_coco_presets_have_recipes():

@@ -53,6 +53,35 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _flag(p, "--no-progress", action="store_true", help="no progress bars")
 
 
+def register_task_command(subparsers: argparse._SubParsersAction, task: str, name: str, help: str,
+                  example: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """``lowformer NAME train|eval|predict`` for a dense task: the shared ``train`` parser, and ``eval`` /
+    ``predict`` parsers carrying the flags every task's run functions take; the caller adds its own and
+    their ``func``."""
+    p = subparsers.add_parser(name, help=f"{help}: train, eval, predict", description=f"{help[0].upper()}{help[1:]}.")
+    sub = p.add_subparsers(dest=f"{name}_command", required=True, metavar="ACTION")
+    t = sub.add_parser("train", help=f"train a {task} recipe (configs/{name}/*.yaml), resumable", allow_abbrev=False,
+                       description=f"Train with a YAML recipe (task: {task}). Unknown '--a.b value' arguments "
+                                   "override config keys, e.g. --data_provider.data_dir /data/set.")
+    t.add_argument("config", help=f"recipe file, e.g. {example}")
+    add_train_arguments(t)
+    t.set_defaults(func=lambda args: run_recipe(args, task=task), accepts_overrides=True)
+
+    run_help = f"run directory of `lowformer {name} train`"
+    e = sub.add_parser("eval", help="score a run on a split (JSON)")
+    e.add_argument("--run", required=True, help=run_help)
+    e.add_argument("--data", required=True, help="dataset folder (composite, COCO, ADE20K or VOC layout)")
+    e.add_argument("--split", default="val", help="split name: val, train, val2017 ... (default val)")
+    e.add_argument("--out", default=None, help="write the metrics JSON here")
+    e.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+    q = sub.add_parser("predict", help="draw a run's predictions on one image")
+    q.add_argument("image", help="image file")
+    q.add_argument("--run", required=True, help=run_help)
+    q.add_argument("--out", required=True, help="output image, e.g. out.png")
+    return e, q
+
+
 def run(args: argparse.Namespace) -> int:
     return run_recipe(args)
 

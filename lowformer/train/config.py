@@ -19,7 +19,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
+from importlib import import_module, resources
 from pathlib import Path
 from typing import Any, Union
 
@@ -30,7 +30,7 @@ from lowformer.errors import LowformerError
 __all__ = [
     "ConfigError", "TrainConfig", "DataProviderConfig", "RunConfig", "load_config", "parse_overrides",
     "merge", "resolve_config_path", "config_to_dict", "peak_lr", "global_batch_size", "packaged_configs_root",
-    "register_section", "config_from_dict", "validate", "total_epochs",
+    "register_section", "import_builtin_task", "config_from_dict", "validate", "total_epochs",
 ]
 
 
@@ -112,7 +112,8 @@ class RunConfig:
     weight_decay: float = field(default=0.1, metadata=_NONNEG)
     no_wd_keys: tuple[str, ...] = ("norm", "bias")
     # {name prefix: factor}: parameters whose name starts with a prefix train at factor x the schedule's lr
-    # (mmseg's paramwise_cfg custom_keys lr_mult), e.g. {net.encoder: 0.1} keeps a pre-trained encoder close
+    # (mmseg's paramwise_cfg custom_keys lr_mult), e.g. {net.encoder: 0.1} keeps a pre-trained encoder close;
+    # on the command line the whole mapping is one value: --run_config.lr_scale "{net.encoder: 0.1}"
     lr_scale: dict = field(default_factory=dict)
     grad_clip: Union[float, None] = field(default=2.0, metadata=_range(0, lo_open=True))
     reset_bn: bool = True
@@ -155,12 +156,28 @@ class TrainConfig:
 
     def section(self, name: str) -> Any:
         """The task section ``name`` (its dataclass), with its defaults where the file has none."""
-        if name not in _SECTIONS:
+        if not _is_section(name):
             raise ConfigError(f"no config section '{name}' is registered (known: {', '.join(sorted(_SECTIONS))})")
         return self.sections.get(name) or _SECTIONS[name]()
 
 
 _SECTIONS: dict[str, type] = {}
+
+# The tasks this package ships, imported on first use so a recipe names its task without the caller
+# importing it first; each registers its section and its task when imported.
+BUILTIN_TASKS = {"detection": "lowformer.detection.task", "segmentation": "lowformer.segmentation.task"}
+
+
+def import_builtin_task(name: str) -> None:
+    """Import the shipped task ``name`` (registering its section and task); other names are left alone."""
+    if name in BUILTIN_TASKS:
+        import_module(BUILTIN_TASKS[name])
+
+
+def _is_section(key: str) -> bool:
+    if key not in _SECTIONS:
+        import_builtin_task(key)
+    return key in _SECTIONS
 
 
 def register_section(name: str, cls: type) -> None:
@@ -355,7 +372,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     for key, value in data.items():
         if key in fields:
             values[key] = _check(fields[key], _convert(hints[key], value, f"{path}{key}"), f"{path}{key}")
-        elif cls is TrainConfig and key in _SECTIONS:
+        elif cls is TrainConfig and _is_section(key):
             sections[key] = _build(_SECTIONS[key], value or {}, f"{key}.")
         else:
             raise _unknown_key(f"{path}{key}")

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from lowformer.train.config import ConfigError, TrainConfig
+from lowformer.train.config import ConfigError, TrainConfig, import_builtin_task
 from lowformer.train.distributed import DistContext
 from lowformer.train.step import LossOutput
 
@@ -133,6 +133,8 @@ def create_task(cfg: TrainConfig, ctx: DistContext, seed: int, task: TaskFactory
     if task is not None and not isinstance(task, str):
         return task(cfg, ctx, seed)
     name = task or cfg.task
+    if name not in _TASKS:
+        import_builtin_task(name)
     if name not in _TASKS:
         raise ConfigError(f"config key 'task': unknown task '{name}' (known: {', '.join(sorted(_TASKS))})")
     known = getattr(_TASKS[name], "datasets", ())
