@@ -202,6 +202,28 @@ def test_every_backend_that_owns_its_threads_is_an_onnx_session():
     assert {b.name for b in BACKENDS.values() if b.lossy} >= {"deploy-bf16", "onnxruntime-int8"}
 
 
+def test_backends_are_refused_on_devices_they_do_not_run_on():
+    from lowformer.deploy.backends import check_device
+    for name in ("openvino", "openvino-deploy-int8", "onnxruntime-int8"):
+        with pytest.raises(LowformerError, match=f"the {name} backend runs on cpu, not cuda: use --device cpu"):
+            check_device(torch.device("cuda"), name)
+    for name in ("cuda-graphs", "tensorrt"):
+        with pytest.raises(LowformerError, match=f"the {name} backend runs on cuda, not cpu"):
+            prepare(nn.Conv2d(3, 4, 3), name, torch.randn(1, 3, 8, 8))
+    for name in ("eager", "channels_last", "compile", "onnxruntime", "deploy"):
+        check_device(torch.device("cuda"), name)
+        check_device(torch.device("cpu"), name)
+
+
+def test_tensorrt_without_torch_tensorrt_names_the_package(monkeypatch):
+    import sys
+
+    from lowformer.deploy.backends import BACKENDS, BackendOptions
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # not installed, wherever this runs
+    with pytest.raises(LowformerError, match="needs torch-tensorrt built for this torch .*pip install torch-tensorrt"):
+        BACKENDS["tensorrt"].prepare(nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8), 1, BackendOptions())
+
+
 def test_a_backend_name_is_registered_once():
     from lowformer.deploy.backends import BACKENDS, Backend, register_backend
     with pytest.raises(ValueError, match="already registered"):

@@ -96,6 +96,8 @@ def test_bench_gpu_on_a_machine_without_one_is_one_line(capsys, monkeypatch):
     (["--device", "tpu:0"], "device"), (["--out", "{tmp}/r.txt"], "unknown file type '.txt'"),
     (["--out", "{tmp}/r"], "unknown file type"), (["--plot", "{tmp}/p.json"], "--plot"),
     (["--out", "{tmp}/a_file/r.json"], "cannot write in"), (["--out", "{tmp}"], "unknown file type"),
+    (["--device", "cpu", "--backend", "cuda-graphs"], "the cuda-graphs backend runs on cuda, not cpu"),
+    (["--device", "cpu", "--backend", "tensorrt", "--amp", "fp16"], "the tensorrt backend runs on cuda, not cpu"),
 ])
 def test_bench_bad_values_fail_in_one_line_before_any_work(argv, words, tmp_path, capsys, monkeypatch):
     import lowformer.bench.runner as runner

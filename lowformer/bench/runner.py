@@ -21,7 +21,7 @@ from lowformer.bench.complexity import count_macs, count_params
 from lowformer.bench.featured import build_model
 from lowformer.bench.results import OUTPUT_SUFFIXES, PLOT_SUFFIXES, plot_records, write_records
 from lowformer.bench.timing import MIN_SAMPLES, environment, interleave, summarize
-from lowformer.deploy.backends import Prepared, check_amp, get_backend, parse_device, prepare
+from lowformer.deploy.backends import Prepared, check_amp, check_device, get_backend, parse_device, prepare
 from lowformer.deploy.onnx import OPSET, check_opset
 from lowformer.errors import LowformerError
 from lowformer.files import check_output_path
@@ -143,7 +143,7 @@ def resolve(config: BenchConfig) -> BenchConfig:
     if not config.backends:
         raise LowformerError("--backend needs at least one backend")
     for backend in config.backends:
-        get_backend(backend)
+        check_device(device, backend)
         check_amp(device, config.amp, backend)
     for name in config.models:
         _registry_name(name)

@@ -32,7 +32,7 @@ from lowformer.deploy.onnx import OPSET, check_opset
 from lowformer.errors import LowformerError
 
 __all__ = ["Backend", "BackendOptions", "Runner", "Prepared", "BACKENDS", "AMP_DTYPES", "OutputMismatchError",
-           "register_backend", "get_backend", "backend_names", "prepare", "check_amp", "onnx_cache_dir",
+           "register_backend", "get_backend", "backend_names", "prepare", "check_amp", "check_device", "onnx_cache_dir",
            "parse_device"]
 
 _logger = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class Backend:
         owns_threads: the runner fixes its thread count when created (prepare once per thread count).
         opset: the ONNX opset it exports with by default (None: no ONNX).
         amp: honours ``--amp`` (autocast around the PyTorch forward).
+        devices: the device types it runs on.
         summary: one line for ``--help``.
     """
     name: str
@@ -85,6 +86,7 @@ class Backend:
     owns_threads: bool = False
     opset: int | None = None
     amp: bool = False
+    devices: tuple[str, ...] = ("cpu", "cuda")
     summary: str = ""
 
 
@@ -141,6 +143,14 @@ def onnx_cache_dir() -> Path:
     return Path(root) / "onnx"
 
 
+def check_device(device: torch.device, backend: str) -> None:
+    """Refuse a backend on a device type it does not run on, before anything is built."""
+    devices = get_backend(backend).devices
+    if device.type not in devices:
+        raise LowformerError(f"the {backend} backend runs on {' or '.join(devices)}, not {device.type}: use "
+                             f"--device {devices[0]} or another --backend")
+
+
 def check_amp(device: torch.device, amp: str | None, backend: str) -> None:
     """Refuse AMP settings the device or backend cannot honour, instead of timing fp32 under an AMP label."""
     if amp is None:
@@ -195,6 +205,7 @@ def prepare(model: nn.Module, backend: str, x: torch.Tensor, threads: int = 1, a
     ``cache_key`` names the model in ONNX cache files (the weights' digest is added, so a file exported from
     other weights is never reused)."""
     spec = get_backend(backend)
+    check_device(x.device, backend)
     check_amp(x.device, amp, backend)
     if opset is not None:
         check_opset(opset)
@@ -241,6 +252,49 @@ def _torchscript(model: nn.Module, x: torch.Tensor, threads: int, options: Backe
 
 def _compile(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
     return _pytorch_runner(torch.compile(model), x, options.amp)
+
+
+def _cuda_graphs(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    """The channels-last module captured once in a CUDA graph and replayed on the prepared input (a static
+    buffer, as a server would copy each batch into): one launch for the whole forward, where per-kernel launch
+    cost dominates small batches on a fast GPU."""
+    import copy
+    module = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    static = x.contiguous(memory_format=torch.channels_last).clone()
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side), torch.inference_mode(), _autocast(x.device, options.amp):
+        for _ in range(3):  # outside the graph: cuDNN chooses its algorithms and the allocator settles first
+            module(static)
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), _autocast(x.device, options.amp), torch.cuda.graph(graph):
+        out = module(static)
+
+    def run() -> Any:
+        graph.replay()
+        return out
+    return Runner(run, {"memory_format": "channels_last", "cuda_graph": True})
+
+
+def _tensorrt(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    """Torch-TensorRT's dynamo path on a copy of the module in the ``--amp`` dtype (fp32 without), so the engine
+    is typed by its weights and input rather than by version-specific precision flags."""
+    import copy
+    try:
+        import torch_tensorrt
+    except ImportError:
+        raise LowformerError("the tensorrt backend needs torch-tensorrt built for this torch "
+                             f"({torch.__version__}): pip install torch-tensorrt") from None
+    dtype = AMP_DTYPES[options.amp] if options.amp else torch.float32
+    module = copy.deepcopy(model).to(dtype)
+    typed = x.to(dtype)
+    engine = torch_tensorrt.compile(module, ir="dynamo", inputs=[typed])
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return engine(typed)
+    return Runner(run, {"tensorrt": torch_tensorrt.__version__, "dtype": str(dtype).removeprefix("torch.")})
 
 
 def _deploy(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions, precision: str) -> Runner:
@@ -313,8 +367,6 @@ def _onnxruntime_int8(model: nn.Module, x: torch.Tensor, threads: int, options: 
     """int8 calibrated on ``options.calibration``, by default the timed input itself: speed does not depend on the
     calibration data (accuracy: ``benchmarks/deploy_cpu.py --accuracy``). Nothing is left on disk."""
     from lowformer.deploy.onnx import deploy_int8
-    if x.device.type != "cpu":
-        raise LowformerError("onnxruntime-int8 runs on the CPU: use --device cpu")
     calibration = options.calibration if options.calibration is not None else x
     opset = options.opset or OPSET
     module = deploy_int8(model, x[:1], calibration, threads=threads, min_cosine=-1.0, opset=opset)
@@ -336,7 +388,7 @@ def _openvino_backends() -> list[Backend]:
             name = prefix if precision == "fp32" else f"{prefix}-{precision}"
             what = {"fp32": "fp32", "bf16": "bf16 (inference-precision hint)", "int8": "NNCF int8"}[precision]
             rows.append(Backend(name, openvino_backend(precision, graph), lossy=precision != "fp32",
-                                owns_threads=True, opset=OPSET,
+                                owns_threads=True, opset=OPSET, devices=("cpu",),
                                 summary=f"OpenVINO {what} on the {'deploy' if graph else 'plain'} export"))
     return rows
 
@@ -347,6 +399,11 @@ for _backend in (
     Backend("torchscript", _torchscript, amp=True,
             summary="trace, freeze, optimize_for_inference (the original's --optit)"),
     Backend("compile", _compile, amp=True, summary="torch.compile"),
+    Backend("cuda-graphs", _cuda_graphs, amp=True, devices=("cuda",),
+            summary="the channels-last module replayed as one CUDA graph"),
+    # TensorRT chooses its kernels (TF32, fp16) itself: outputs are compared by cosine, not refused
+    Backend("tensorrt", _tensorrt, lossy=True, amp=True, devices=("cuda",),
+            summary="Torch-TensorRT (dynamo) engine in the --amp dtype"),
     Backend("onnxruntime", _onnxruntime, owns_threads=True, opset=OPSET,
             summary="ONNX Runtime on the plain export (the original's --onnxrun)"),
     Backend("deploy", functools.partial(_deploy, precision="fp32"), summary="lowformer.deploy's PyTorch graph, fp32"),
@@ -354,7 +411,7 @@ for _backend in (
             summary="lowformer.deploy's graph in bf16"),
     Backend("onnxruntime-deploy", _onnxruntime_deploy, owns_threads=True, opset=OPSET,
             summary="ONNX Runtime on the export of the deploy graph"),
-    Backend("onnxruntime-int8", _onnxruntime_int8, lossy=True, owns_threads=True, opset=OPSET,
+    Backend("onnxruntime-int8", _onnxruntime_int8, lossy=True, owns_threads=True, opset=OPSET, devices=("cpu",),
             summary="ONNX Runtime int8 static quantization of the deploy graph"),
     *_openvino_backends(),
 ):

@@ -239,8 +239,6 @@ def openvino_backend(precision: str, deploy_graph: bool) -> Callable:
     from lowformer.deploy.backends import Runner, cached_export
 
     def prepare(model: nn.Module, x: torch.Tensor, threads: int, options: Any) -> Runner:
-        if x.device.type != "cpu":
-            raise LowformerError("the OpenVINO backends run on the CPU here: use --device cpu")
         from lowformer.deploy.onnx import portable_deploy
         calibration = options.calibration if options.calibration is not None else x
         graph = portable_deploy(model, x[:1]) if deploy_graph else model
