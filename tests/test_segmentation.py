@@ -268,6 +268,22 @@ def test_sliding_window_averages_overlaps() -> None:
     assert not math.isnan(float(out.sum()))
 
 
+def test_flip_test_averages_the_mirror_images_logits() -> None:
+    class Column(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            # class 0 scores the column index, class 1 the pixel value: not mirror-symmetric, unlike class 1
+            cols = torch.arange(x.shape[-1], dtype=x.dtype).expand(x.shape[0], 1, x.shape[-2], -1)
+            return torch.cat([cols, x[:, :1]], 1)
+
+    x = torch.rand(1, 3, 2, 5)
+    plain, flipped = infer(Column(), x), infer(Column(), x, flip=True)
+    assert torch.equal(plain[:, 0], torch.arange(5.0).expand(1, 2, 5))
+    assert torch.allclose(flipped[:, 0], torch.full((1, 2, 5), 2.0))  # (j + (4 - j)) / 2 everywhere
+    assert torch.equal(flipped[:, 1], x[:, 0])  # the mirrored-back pixel scores are the image's own
+    slide = infer(Column(), x, mode="slide", crop=(2, 5), stride=(1, 1), flip=True)
+    assert torch.equal(slide, flipped)
+
+
 def test_onnx_export_matches_pytorch(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     from lowformer.deploy.onnx import export_onnx

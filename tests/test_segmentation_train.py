@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from lowformer.cli import main
@@ -50,6 +51,12 @@ def test_train_eval_predict(tmp_path, capsys) -> None:
     assert scores["images"] == 2 and 0 <= scores["miou"] <= 100 and len(scores["per_class_iou"]) == 4
     # the trainer's validation of the same weights gives the same mIoU
     assert scores["miou"] == pytest.approx(summary["best_miou"])
+    recipe_flip = yaml.safe_load((run / "config.yaml").read_text())["segmentation"]["test_flip"]
+    assert scores["test_flip"] is recipe_flip
+    for flag, expected in (("--flip", True), ("--no-flip", False)):
+        other = tmp_path / f"{flag}.json"
+        assert main(["seg", "eval", "--run", str(run), "--data", str(data), flag, "--out", str(other)]) == 0
+        assert json.loads(other.read_text())["test_flip"] is expected
     overlay = tmp_path / "overlay.png"
     image = data / "images" / "val" / "val_0.jpg"
     assert main(["seg", "predict", str(image), "--run", str(run), "--out", str(overlay)]) == 0

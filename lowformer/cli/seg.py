@@ -17,6 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e, q = register_task_command(subparsers, "segmentation", "seg",
                          "semantic segmentation (Semantic FPN, UperNet, DeepLabv3, SegFormer heads)",
                          "configs/seg/composite/fpn_b0.yaml")
+    e.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score each mirror image and average (default: the recipe's segmentation.test_flip)")
     e.set_defaults(func=_eval)
     q.add_argument("--alpha", type=float, default=0.5, help="weight of the class colours (default 0.5)")
     q.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -25,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from lowformer.segmentation.run import evaluate_run
-    result = evaluate_run(args.run, args.data, args.split, args.out, device=args.device)
+    result = evaluate_run(args.run, args.data, args.split, args.out, device=args.device, flip=args.flip)
     print(json.dumps({k: result[k] for k in ("images", "miou", "pixel_acc")}))
     return 0
 

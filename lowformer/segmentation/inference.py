@@ -38,14 +38,19 @@ def slide_inference(model: nn.Module, images: torch.Tensor, crop: Sequence[int],
 
 
 def infer(model: nn.Module, images: torch.Tensor, size: Sequence[int] | None = None, mode: str = "whole",
-          crop: Sequence[int] = (512, 512), stride: Sequence[int] = (341, 341)) -> torch.Tensor:
-    """Logits in ``mode`` (``whole`` or ``slide``), bilinearly resized to ``size`` (h, w) when given."""
+          crop: Sequence[int] = (512, 512), stride: Sequence[int] = (341, 341), flip: bool = False) -> torch.Tensor:
+    """Logits in ``mode`` (``whole`` or ``slide``), bilinearly resized to ``size`` (h, w) when given; with
+    ``flip``, the mean of the image's logits and its mirror image's mirrored back (mmseg's flip test)."""
     if mode == "whole":
-        logits = whole_inference(model, images)
+        run = whole_inference
     elif mode == "slide":
-        logits = slide_inference(model, images, crop, stride)
+        def run(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+            return slide_inference(model, images, crop, stride)
     else:
         raise ValueError(f"inference mode '{mode}': use whole or slide")
+    logits = run(model, images)
+    if flip:
+        logits = (logits + run(model, images.flip(-1)).flip(-1)) / 2
     if size is not None and tuple(logits.shape[-2:]) != tuple(size):
         logits = F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
     return logits

@@ -6,6 +6,7 @@ Outputs are written to a temporary name in the target folder and renamed.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -57,10 +58,12 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "val",
-                 out: str | os.PathLike | None = None, device: str = "cpu") -> dict:
+                 out: str | os.PathLike | None = None, device: str = "cpu", flip: bool | None = None) -> dict:
     """Score a run on ``data_dir``'s ``split``: ``images``, ``miou``, ``pixel_acc`` and ``per_class_iou``
-    (percent), written as JSON to ``out`` when given."""
+    (percent), written as JSON to ``out`` when given. ``flip`` overrides the recipe's ``test_flip``."""
     model, sc = load_run(run_dir)
+    if flip is not None:
+        sc = dataclasses.replace(sc, test_flip=flip)
     dataset = SegmentationFolder(data_dir, split, sc.num_classes, eval_transform(sc.test_scale),
                                  reduce_zero_label=sc.reduce_zero_label)
     dev = torch.device(device)
@@ -68,7 +71,7 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     result = {"images": scores["images"], "miou": scores["miou"], "pixel_acc": scores["pixel_acc"],
               "per_class_iou": scores["per_class_iou"], "skipped_without_mask": dataset.unlabelled,
               "split": split, "data": str(data_dir), "run": str(run_dir), "test_scale": list(sc.test_scale),
-              "test_mode": sc.test_mode}
+              "test_mode": sc.test_mode, "test_flip": sc.test_flip}
     if out is not None:
         _write_atomic(Path(out), lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return result
@@ -104,7 +107,7 @@ def predict_overlay(run_dir: str | os.PathLike, image: str | os.PathLike, out: s
     x = eval_transform(sc.test_scale)(tv_tensors.Image(torch.from_numpy(rgb.copy()).permute(2, 0, 1)))
     with torch.no_grad():
         logits = infer(model.to(device), x[None].to(device), size=rgb.shape[:2], mode=sc.test_mode,
-                       crop=sc.test_crop, stride=sc.test_stride)
+                       crop=sc.test_crop, stride=sc.test_stride, flip=sc.test_flip)
     labels = logits.argmax(1)[0].cpu().numpy()
     blended = (rgb * (1 - alpha) + palette(sc.num_classes)[labels] * alpha).round().astype(np.uint8)
     _write_atomic(Path(out), lambda tmp: Image.fromarray(blended).save(tmp, format="PNG"))

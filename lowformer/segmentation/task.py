@@ -66,6 +66,7 @@ class SegmentationConfig:
     test_mode: str = "whole"
     test_crop: tuple[int, int] = (512, 512)
     test_stride: tuple[int, int] = (341, 341)
+    test_flip: bool = False  # also score the mirror image and average the logits (mmseg's flip test)
     output_stride: int | None = None
     backbone_checkpoint: str | None = None
     class_weight: str = "none"
@@ -129,7 +130,7 @@ def evaluate_segmenter(model: nn.Module, dataset: SegmentationFolder, sc: Segmen
         image, mask = dataset[i]
         with autocast_context(device, amp_dtype):
             logits = infer(model, image[None].to(device), size=mask.shape[-2:], mode=sc.test_mode,
-                           crop=sc.test_crop, stride=sc.test_stride)
+                           crop=sc.test_crop, stride=sc.test_stride, flip=sc.test_flip)
         cm.update(logits.float().argmax(1)[0], mask)
     model.train(was_training)
     if ctx is not None and ctx.distributed:
