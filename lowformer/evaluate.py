@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from lowformer.data import ImageFolderDataset, build_eval_loader, eval_transform, read_class_map
 from lowformer.errors import LowformerError
+from lowformer.files import atomic_output
 
 if TYPE_CHECKING:
     from lowformer.train.distributed import DistContext
@@ -242,9 +243,8 @@ def write_result(path: str | os.PathLike, result: dict[str, Any]) -> Path:
         writer.writeheader()
         writer.writerow(result)
         text = buffer.getvalue()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -17,6 +17,7 @@ from lowformer.detection.data import (
 from lowformer.detection.metrics import evaluate_detector
 from lowformer.detection.models import Detector
 from lowformer.errors import LowformerError
+from lowformer.files import atomic_output
 
 __all__ = ["evaluate_run", "format_table", "load_run", "predict_image"]
 
@@ -76,10 +77,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
     if dataset.skipped:
         metrics["skipped"] = dict(dataset.skipped)
     if out is not None:
-        out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, out)
+        with atomic_output(out) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from lowformer.errors import LowformerError
+from lowformer.files import atomic_output
 from lowformer.segmentation.data import SegmentationFolder, eval_transform
 from lowformer.segmentation.inference import infer
 from lowformer.segmentation.models import Segmenter
@@ -47,16 +48,6 @@ def load_run(run_dir: str | os.PathLike, weights: str = "evalmodel.pt") -> tuple
     return model.eval(), cfg.section("segmentation")
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "val",
                  out: str | os.PathLike | None = None, device: str = "cpu", flip: bool | None = None) -> dict:
     """Score a run on ``data_dir``'s ``split``: ``images``, ``miou``, ``pixel_acc`` and ``per_class_iou``
@@ -73,7 +64,8 @@ def evaluate_run(run_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
               "split": split, "data": str(data_dir), "run": str(run_dir), "test_scale": list(sc.test_scale),
               "test_mode": sc.test_mode, "test_flip": sc.test_flip}
     if out is not None:
-        _write_atomic(Path(out), lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+        with atomic_output(out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -110,5 +102,6 @@ def predict_overlay(run_dir: str | os.PathLike, image: str | os.PathLike, out: s
                        crop=sc.test_crop, stride=sc.test_stride, flip=sc.test_flip)
     labels = logits.argmax(1)[0].cpu().numpy()
     blended = (rgb * (1 - alpha) + palette(sc.num_classes)[labels] * alpha).round().astype(np.uint8)
-    _write_atomic(Path(out), lambda tmp: Image.fromarray(blended).save(tmp, format="PNG"))
+    with atomic_output(out) as tmp:
+        Image.fromarray(blended).save(tmp, format="PNG")
     return labels
