@@ -9,7 +9,7 @@ from lowformer.cli.train import register_task_command
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     e, r = register_task_command(subparsers, "detection", "det", "object detection / instance segmentation",
-                         "configs/det/composite_retinanet_b0.yaml")
+                                 "configs/det/composite_retinanet_b0.yaml")
     e.add_argument("--weights", default="evalmodel.pt", help="file in RUN/checkpoint (default evalmodel.pt)")
     e.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     e.set_defaults(func=_eval)

@@ -15,8 +15,8 @@ from lowformer.cli.train import register_task_command
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     e, q = register_task_command(subparsers, "segmentation", "seg",
-                         "semantic segmentation (Semantic FPN, UperNet, DeepLabv3, SegFormer heads)",
-                         "configs/seg/composite/fpn_b0.yaml")
+                                 "semantic segmentation (Semantic FPN, UperNet, DeepLabv3, SegFormer heads)",
+                                 "configs/seg/composite/fpn_b0.yaml")
     e.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="also score each mirror image and average (default: the recipe's segmentation.test_flip)")
     e.set_defaults(func=_eval)

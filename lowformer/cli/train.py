@@ -54,7 +54,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register_task_command(subparsers: argparse._SubParsersAction, task: str, name: str, help: str,
-                  example: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+                          example: str) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """``lowformer NAME train|eval|predict`` for a dense task: the shared ``train`` parser, and ``eval`` /
     ``predict`` parsers carrying the flags every task's run functions take; the caller adds its own and
     their ``func``."""

@@ -235,10 +235,14 @@ def _eager(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOpti
     return _pytorch_runner(model, x, options.amp)
 
 
-def _channels_last(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+def _channels_last_copy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """A copy of ``model`` and ``x`` in channels-last memory format (the caller's model is left as it is)."""
     import copy
-    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return _pytorch_runner(model, x.contiguous(memory_format=torch.channels_last), options.amp)
+    return copy.deepcopy(model).to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+
+def _channels_last(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
+    return _pytorch_runner(*_channels_last_copy(model, x), options.amp)
 
 
 def _torchscript(model: nn.Module, x: torch.Tensor, threads: int, options: BackendOptions) -> Runner:
@@ -258,9 +262,8 @@ def _cuda_graphs(model: nn.Module, x: torch.Tensor, threads: int, options: Backe
     """The channels-last module captured once in a CUDA graph and replayed on the prepared input (a static
     buffer, as a server would copy each batch into): one launch for the whole forward, where per-kernel launch
     cost dominates small batches on a fast GPU."""
-    import copy
-    module = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    static = x.contiguous(memory_format=torch.channels_last).clone()
+    module, static = _channels_last_copy(model, x)
+    static = static.clone()  # the graph's own input buffer, whatever the caller does with x
     side = torch.cuda.Stream(x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side), torch.inference_mode(), _autocast(x.device, options.amp):
