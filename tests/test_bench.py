@@ -94,6 +94,19 @@ def test_onnx_export_is_checked_cached_and_keyed(tmp_path):
     assert len(list(tmp_path.glob("head_16x16_*.onnx"))) == 2
 
 
+def test_onnx_cache_is_not_reused_by_other_code(tmp_path, monkeypatch):
+    """A cached export made by other lowformer code (say, before a deploy pass changed) is not reused."""
+    from lowformer.deploy import backends
+    model, x = _Head().eval(), torch.randn(1, 3, 16, 16)
+    prepare(model, "onnxruntime-deploy", x, cache_key="head", cache_dir=tmp_path)
+    (first,) = tmp_path.glob("head_deploy_*.onnx")
+    assert first.stem.endswith("_" + backends._code_digest())
+    monkeypatch.setattr(backends, "_code_digest", lambda: "0ther000")
+    prepare(model, "onnxruntime-deploy", x, cache_key="head", cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("head_deploy_*.onnx")) == sorted(
+        [first.name, first.name.replace(first.stem.rsplit("_", 1)[1], "0ther000")])
+
+
 def test_onnx_export_that_diverges_is_refused(tmp_path):
     model, x = _Head(diverge=True).eval(), torch.randn(1, 3, 16, 16)
     with pytest.raises(OutputMismatchError, match="diverges from the eager model"):

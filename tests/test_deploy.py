@@ -108,6 +108,25 @@ def test_group_norm_affine_moves_into_the_following_pointwise_conv_only():
     assert_same(model, gm, torch.randn(2, 8, 7, 9))
 
 
+def test_sample_norm_keeps_the_function_and_exports_as_a_layer_norm(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from lowformer.deploy.modules import SampleNorm
+    from lowformer.deploy.onnx import export_onnx
+    model = randomize_norms(nn.Sequential(GroupNorm1(8), nn.Conv2d(8, 16, 1), nn.GroupNorm(1, 16, affine=False),
+                                          nn.Conv2d(16, 16, 3, padding=1), nn.GroupNorm(2, 16)))
+    gm = P.sample_norm(trace(model))
+    assert kinds(gm) == [SampleNorm, nn.Conv2d, SampleNorm, nn.Conv2d, nn.GroupNorm]
+    assert [m.affine for m in gm.modules() if isinstance(m, SampleNorm)] == [True, False]
+    x = torch.randn(2, 8, 7, 9)
+    assert_same(model, gm, x)
+    with torch.no_grad():  # eager stays channels-last (layer_norm would return NCHW)
+        assert gm.get_submodule("0")(x.to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    check = export_onnx(gm, tmp_path / "n.onnx", x[:1], reference=model)
+    assert check["rel_diff"] <= DEFAULT_RTOL
+    ops = [n.op_type for n in onnx.load(tmp_path / "n.onnx").graph.node]
+    assert ops.count("LayerNormalization") == 2 and ops.count("InstanceNormalization") == 1  # GroupNorm(2) as before
+
+
 def test_conv_post_ops_absorb_activations_and_conv_add_the_residual():
     class Block(nn.Module):
         def __init__(self):

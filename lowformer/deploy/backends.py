@@ -318,15 +318,29 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:12]
 
 
+@functools.cache
+def _code_digest() -> str:
+    """The installed lowformer source and the exporting libraries' versions: an export made by other code (a
+    changed deploy pass, a newer torch) may still be correct but is not the graph this code would time."""
+    import timm
+
+    h = hashlib.sha1(f"{torch.__version__} {timm.__version__}".encode())
+    root = Path(__file__).resolve().parents[1]
+    for source in sorted(root.rglob("*.py")):
+        h.update(str(source.relative_to(root)).encode())
+        h.update(source.read_bytes())
+    return h.hexdigest()[:8]
+
+
 def cached_export(graph: nn.Module, reference: nn.Module, x: torch.Tensor, options: BackendOptions,
                    variant: str) -> Path:
     """The ONNX file of ``graph`` in the cache, exported (and checked against ``reference``) once per
-    (model, weights, input size, opset, variant)."""
+    (model, weights, input size, opset, variant, exporting code)."""
     from lowformer.deploy.onnx import export_onnx
     size = "x".join(str(s) for s in x.shape[2:])
     opset = options.opset or OPSET
     path = (options.cache_dir or onnx_cache_dir()) / (
-        f"{options.cache_key}{variant}_{size}_opset{opset}_{_weights_digest(reference)}.onnx")
+        f"{options.cache_key}{variant}_{size}_opset{opset}_{_weights_digest(reference)}_{_code_digest()}.onnx")
     if not path.exists():
         _logger.info("exporting %s to %s", options.cache_key, path)
         export_onnx(graph, path, x[:1].cpu(), reference=reference, rtol=RTOL[None], opset=opset)

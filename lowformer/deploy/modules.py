@@ -1,4 +1,5 @@
-"""Modules the CPU passes put into a graph: oneDNN convolutions with fused post-ops and pre-packed weights.
+"""Modules the deploy passes put into a graph: oneDNN convolutions with fused post-ops and pre-packed weights
+(CPU passes), and the per-sample normalisation left by GroupNorm(1)'s affine folding (portable).
 
 These are the kernels PyTorch's own inductor uses for CPU convolutions (``torch.ops.mkldnn``); calling them
 from eager code gives the same fusion without compilation. Eager ``nn.Conv2d`` at batch 1 often dispatches to
@@ -13,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activation_attr", "MkldnnConv2d", "MkldnnLinear", "is_pointwise_conv", "mkldnn_available"]
+__all__ = ["ACTIVATIONS", "activation_attr", "MkldnnConv2d", "MkldnnLinear", "SampleNorm", "is_pointwise_conv",
+           "mkldnn_available"]
 
 # functional / module activations oneDNN can apply as a convolution post-op, by oneDNN attr name
 ACTIVATIONS = {
@@ -41,6 +43,29 @@ def activation_attr(mod: nn.Module) -> tuple[str, list, str] | None:
     if type(mod) is nn.Hardtanh:
         return "hardtanh", [mod.min_val, mod.max_val], ""
     return None
+
+
+class SampleNorm(nn.GroupNorm):
+    """GroupNorm(1): each sample normalised over all its channels and positions, then the per-channel affine.
+
+    PyTorch runs it as ``group_norm``, which keeps channels-last tensors channels-last (``layer_norm`` would copy
+    them to NCHW). Exported, it is one LayerNormalization over (C, H, W) (and a per-channel scale and shift)
+    rather than the exporter's reshape to (N, 1, C*H*W) and back: OpenVINO then normalises its blocked-layout
+    tensors in place instead of reordering them to plain NCHW and back around every norm. An export has a fixed
+    H x W, so the normalised shape is a constant.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(1, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return F.group_norm(x, 1, self.weight, self.bias, self.eps)
+        y = F.layer_norm(x, [int(s) for s in x.shape[1:]], eps=self.eps)
+        if self.affine:
+            shape = (-1,) + (1,) * (x.dim() - 2)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
 
 
 class _PostOpModule(nn.Module):

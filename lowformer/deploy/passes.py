@@ -2,7 +2,8 @@
 that rewrites the graph into one computing the same function faster, reusing torch's fusion maths.
 
 Portable passes (the result still exports to ONNX and runs on any device):
-``drop_dropout``, ``conv_bn``, ``linear_bn``, ``conv_transpose_as_conv``, ``group_norm_affine_into_conv``.
+``drop_dropout``, ``conv_bn``, ``linear_bn``, ``conv_transpose_as_conv``, ``group_norm_affine_into_conv``,
+``sample_norm``.
 CPU passes (oneDNN kernels with fused post-operations and pre-packed weights):
 ``pointwise_matmul`` (AVX-512 CPUs only by default), ``conv_post_ops`` and ``conv_add``; they need the shapes
 recorded by ``propagate_shapes``.
@@ -24,12 +25,12 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from lowformer.deploy.cpu import cpu_features
 from lowformer.deploy.graph import call_modules, module_of, replace_module, single_user
-from lowformer.deploy.modules import ACTIVATIONS, MkldnnConv2d, MkldnnLinear, activation_attr, is_pointwise_conv
+from lowformer.deploy.modules import ACTIVATIONS, MkldnnConv2d, MkldnnLinear, SampleNorm, activation_attr, is_pointwise_conv
 
 __all__ = [
     "Pass", "PORTABLE_PASSES", "CPU_PASSES", "PASSES", "propagate_shapes",
     "drop_dropout", "conv_bn", "linear_bn", "conv_transpose_as_conv", "group_norm_affine_into_conv",
-    "pointwise_matmul", "conv_post_ops", "conv_add", "default_passes",
+    "sample_norm", "pointwise_matmul", "conv_post_ops", "conv_add", "default_passes",
 ]
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
@@ -155,6 +156,23 @@ def group_norm_affine_into_conv(gm: fx.GraphModule) -> fx.GraphModule:
     return _finish(gm)
 
 
+def sample_norm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Every plain GroupNorm(1) becomes :class:`SampleNorm`: the same function, exported as a layer norm over
+    (C, H, W) that runtimes with blocked layouts normalise without reordering."""
+    gm = _copy(gm)
+    for node, gn in call_modules(gm, nn.GroupNorm):
+        if gn.num_groups != 1 or type(gn) is SampleNorm or not _is_plain_group_norm(gn):
+            continue
+        weight = gn.weight if gn.affine else None
+        norm = SampleNorm(gn.num_channels, eps=gn.eps, affine=gn.affine,
+                          device=None if weight is None else weight.device,
+                          dtype=None if weight is None else weight.dtype)
+        if gn.affine:
+            norm.load_state_dict(gn.state_dict())
+        replace_module(gm, node, norm)
+    return _finish(gm)
+
+
 def _is_plain_group_norm(gn: nn.GroupNorm) -> bool:
     from timm.layers import GroupNorm1
     return type(gn) in (nn.GroupNorm, GroupNorm1)
@@ -250,6 +268,7 @@ PORTABLE_PASSES: dict[str, Pass] = {
     "linear_bn": linear_bn,
     "conv_transpose_as_conv": conv_transpose_as_conv,
     "group_norm_affine_into_conv": group_norm_affine_into_conv,
+    "sample_norm": sample_norm,
 }
 CPU_PASSES: dict[str, Pass] = {
     "pointwise_matmul": pointwise_matmul,
