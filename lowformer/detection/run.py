@@ -126,10 +126,8 @@ def predict_image(run_dir: str | os.PathLike, image: str | os.PathLike, out: str
         drawn = draw_segmentation_masks(drawn, det["masks"][keep][:, 0] > 0.5, alpha=0.45)
     names = [f"{class_names[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
     drawn = draw_bounding_boxes(drawn, boxes, labels=names, width=2)
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp" + out.suffix)
-    F.to_pil_image(drawn).save(tmp)
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        F.to_pil_image(drawn).save(tmp)
     return [{"label": int(c), "name": class_names[int(c)], "score": round(float(s), 4),
              "box": [round(float(v), 1) for v in b]} for c, s, b in zip(labels, scores, boxes)]
 
