@@ -1,5 +1,5 @@
 """Modules the deploy passes put into a graph: oneDNN convolutions with fused post-ops and pre-packed weights
-(CPU passes), and the per-sample normalisation left by GroupNorm(1)'s affine folding (portable).
+(CPU passes), and GroupNorm(1) in a form that exports as a layer norm (portable).
 
 These are the kernels PyTorch's own inductor uses for CPU convolutions (``torch.ops.mkldnn``); calling them
 from eager code gives the same fusion without compilation. Eager ``nn.Conv2d`` at batch 1 often dispatches to

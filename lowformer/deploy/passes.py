@@ -161,7 +161,7 @@ def sample_norm(gm: fx.GraphModule) -> fx.GraphModule:
     (C, H, W) that runtimes with blocked layouts normalise without reordering."""
     gm = _copy(gm)
     for node, gn in call_modules(gm, nn.GroupNorm):
-        if gn.num_groups != 1 or type(gn) is SampleNorm or not _is_plain_group_norm(gn):
+        if gn.num_groups != 1 or not _is_plain_group_norm(gn):
             continue
         weight = gn.weight if gn.affine else None
         norm = SampleNorm(gn.num_channels, eps=gn.eps, affine=gn.affine,
