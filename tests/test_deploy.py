@@ -121,10 +121,16 @@ def test_sample_norm_keeps_the_function_and_exports_as_a_layer_norm(tmp_path):
     assert_same(model, gm, x)
     with torch.no_grad():  # eager stays channels-last (layer_norm would return NCHW)
         assert gm.get_submodule("0")(x.to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
-    check = export_onnx(gm, tmp_path / "n.onnx", x[:1], reference=model)
-    assert check["rel_diff"] <= DEFAULT_RTOL
-    ops = [n.op_type for n in onnx.load(tmp_path / "n.onnx").graph.node]
-    assert ops.count("LayerNormalization") == 2 and ops.count("InstanceNormalization") == 1  # GroupNorm(2) as before
+    for opset, layer_norms in ((18, 2), (13, 0)):  # LayerNormalization exists from opset 17; before, reductions
+        path = tmp_path / f"n{opset}.onnx"
+        check = export_onnx(gm, path, torch.randn(1, 8, 20, 24), reference=model, opset=opset)
+        assert check["rel_diff"] <= DEFAULT_RTOL
+        graph = onnx.load(path).graph
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("LayerNormalization") == layer_norms and ops.count("InstanceNormalization") == 1  # GroupNorm(2)
+        sizes = [t.size for n in graph.node for a in n.attribute if a.t.dims for t in [onnx.numpy_helper.to_array(a.t)]]
+        sizes += [onnx.numpy_helper.to_array(t).size for t in graph.initializer]
+        assert max(sizes) == 16 * 16 * 3 * 3  # the largest is the 3x3 weight, no constant of C x H x W (7,680)
 
 
 def test_conv_post_ops_absorb_activations_and_conv_add_the_residual():

@@ -45,27 +45,46 @@ def activation_attr(mod: nn.Module) -> tuple[str, list, str] | None:
     return None
 
 
+class _SampleNormExport(torch.autograd.Function):
+    """``group_norm(x, 1) * scale + bias``, exported as one LayerNormalization over every axis but the batch, its
+    scale and bias broadcast from (C, 1, 1): no constant of the input's size is written, so the graph keeps any
+    H x W. Opsets before 17 (no LayerNormalization) get the same normalisation as reductions."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.group_norm(x, 1, eps=eps) * scale + bias
+
+    @staticmethod
+    def symbolic(g, x, scale, bias, eps: float):
+        if g.opset >= 17:
+            return g.op("LayerNormalization", x, scale, bias, axis_i=1, epsilon_f=eps)
+        axes = [1, 2, 3]  # 4-D inputs only (see SampleNorm.forward)
+        d = g.op("Sub", x, g.op("ReduceMean", x, axes_i=axes, keepdims_i=1))
+        var = g.op("ReduceMean", g.op("Mul", d, d), axes_i=axes, keepdims_i=1)
+        std = g.op("Sqrt", g.op("Add", var, g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))))
+        return g.op("Add", g.op("Mul", g.op("Div", d, std), scale), bias)
+
+
 class SampleNorm(nn.GroupNorm):
     """GroupNorm(1): each sample normalised over all its channels and positions, then the per-channel affine.
 
     PyTorch runs it as ``group_norm``, which keeps channels-last tensors channels-last (``layer_norm`` would copy
-    them to NCHW). Exported, it is one LayerNormalization over (C, H, W) (and a per-channel scale and shift)
-    rather than the exporter's reshape to (N, 1, C*H*W) and back: OpenVINO then normalises its blocked-layout
-    tensors in place instead of reordering them to plain NCHW and back around every norm. An export has a fixed
-    H x W, so the normalised shape is a constant.
+    them to NCHW). Exported (4-D inputs), it is one LayerNormalization over (C, H, W) rather than the exporter's
+    reshape to (N, 1, C*H*W) and back: OpenVINO then normalises its blocked-layout tensors in place instead of
+    reordering them to plain NCHW and back around every norm.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__(1, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.onnx.is_in_onnx_export():
+        if not torch.onnx.is_in_onnx_export() or x.dim() != 4:
             return F.group_norm(x, 1, self.weight, self.bias, self.eps)
-        y = F.layer_norm(x, [int(s) for s in x.shape[1:]], eps=self.eps)
         if self.affine:
-            shape = (-1,) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+            scale, bias = self.weight.view(-1, 1, 1), self.bias.view(-1, 1, 1)
+        else:
+            scale, bias = x.new_ones(1, 1, 1), x.new_zeros(1, 1, 1)
+        return _SampleNormExport.apply(x, scale, bias, self.eps)
 
 
 class _PostOpModule(nn.Module):
