@@ -12,6 +12,7 @@ import lowformer
 from lowformer.cli import main
 from lowformer.deploy.check import DeployMismatchError
 from lowformer.deploy.onnx import OrtModule, check_onnx, export_onnx
+from lowformer.errors import LowformerError
 
 IMAGES = Path(os.environ.get(
     "LOWFORMER_IMAGENET_SAMPLE", Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample")) / "val"
@@ -25,6 +26,61 @@ def test_export_deploy_graph_matches_pytorch(tmp_path, capsys):
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "BatchNormalization" not in ops and "ConvTranspose" in ops  # stride-2 upsampling stays transposed
     assert OrtModule(out)(torch.randn(3, 3, 64, 64)).shape == (3, 1000)  # dynamic batch
+
+
+@pytest.mark.parametrize("deploy", [False, True])
+def test_dynamic_size_export_matches_pytorch_at_other_sizes(tmp_path, deploy):
+    from lowformer.deploy.onnx import portable_deploy
+    model = lowformer.create_model("lowformer_b0").eval()
+    x = torch.randn(1, 3, 64, 64)
+    graph = portable_deploy(model, x) if deploy else model
+    path = tmp_path / "b0.onnx"
+    export_onnx(graph, path, x, reference=model, dynamic_size=True)
+    ort = OrtModule(path)
+    for h, w in ((96, 160), (80, 48), (65, 71)):  # non-square and odd sizes the export was not traced at
+        xi = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            expected = model(xi)
+        assert torch.allclose(ort(xi), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+class _FixedPositions(torch.nn.Module):
+    """A learned position table of the traced size (as ViTs without interpolation have): no dynamic-size graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pos = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Parameter(torch.randn(1, 4, 16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.conv(x) + self.pos).mean((2, 3))
+
+
+def test_dynamic_size_export_of_a_model_tied_to_its_size_fails_in_one_line(tmp_path, capfd):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"keep")
+    with pytest.raises(LowformerError, match=r"no dynamic-size ONNX graph \(traced at 16x16, it fails at 48x80") as e:
+        export_onnx(_FixedPositions().eval(), path, torch.randn(1, 3, 16, 16), dynamic_size=True)
+    assert len(str(e.value).splitlines()) == 1 and "without --dynamic-size" in str(e.value)
+    assert path.read_bytes() == b"keep" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert "onnxruntime" not in capfd.readouterr().err  # ONNX Runtime's own error log is held back
+
+
+def test_dynamic_size_on_the_command_line_and_its_refusals(tmp_path, capsys):
+    out = tmp_path / "b0.onnx"
+    assert main(["export", "lowformer_b0", "--dynamic-size", "--image-size", "64", "--out", str(out)]) == 0
+    assert "dynamic size" in capsys.readouterr().out
+    import onnx
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    before = out.read_bytes()
+    for args, reason in ((["edgeformer_xs"], "resizes its kernels to the input size"),
+                         (["lowformer_b0", "--precision", "int8", "--calibration", str(IMAGES)], "fp32 ONNX exports"),
+                         (["lowformer_b0", "--format", "openvino"], "fp32 ONNX exports")):
+        target = out if "openvino" not in args else tmp_path / "b0.xml"
+        assert main(["export", *args, "--dynamic-size", "--image-size", "64", "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reason in err[0], err
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["b0.onnx"]
 
 
 class _Diverging(torch.nn.Module):

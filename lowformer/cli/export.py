@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "for ARCH:BACKBONE a det/seg run's evalmodel.pt)")
     p.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=None,
                    help="square input size (default: the model's; a detector's or segmenter's test size)")
+    p.add_argument("--dynamic-size", "--dynamic_size", dest="dynamic_size", action="store_true",
+                   help="fp32 ONNX of a classifier: height and width dynamic too (checked at a second size)")
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (default %(default)s)")
     p.add_argument("--device", default="cpu", help="where the model is built and traced: cpu, cuda or cuda:N "
                                                    "(ONNX Runtime checks the file on the CPU)")
@@ -67,13 +69,14 @@ def run(args: argparse.Namespace) -> int:
     r = export_model(args.model, args.out, format=args.format, precision=args.precision, deploy=args.deploy,
                      checkpoint=args.checkpoint, image_size=args.image_size, calibration=args.calibration,
                      calibration_count=args.calibration_count, min_cosine=args.min_cosine, opset=args.opset,
-                     device=args.device)
+                     device=args.device, dynamic_size=args.dynamic_size)
     rows = ""
     if "rows" in r:
         rows = f", {' and '.join(map(str, r['rows']))} detections compared"
         if not any(r["rows"]):
             rows += " (none on the check photo, so only that was checked: export trained weights with --checkpoint)"
-    print(f"wrote {r['out']} ({r['precision']}{', deploy graph' if r['deploy'] else ''}, opset {r['opset']}): "
+    print(f"wrote {r['out']} ({r['precision']}{', deploy graph' if r['deploy'] else ''}"
+          f"{', dynamic size' if r['dynamic_size'] else ''}, opset {r['opset']}): "
           f"max |diff| {r['max_abs_diff']:.3g} of max |output| {r['max_abs_ref']:.3g}, cosine {r['min_cosine']:.5f}"
           + rows)
     return 0

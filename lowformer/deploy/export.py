@@ -37,6 +37,7 @@ class ExportRequest:
     min_cosine: float
     opset: int
     check_inputs: list[torch.Tensor] | None = None  # default: the example input and a random batch of two
+    dynamic_size: bool = False  # fp32 ONNX only: height and width dynamic as well as the batch
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def _write_onnx_format(request: ExportRequest) -> dict[str, Any]:
     graph = portable_deploy(model, x) if request.deploy else model
     if request.precision == "fp32":
         return export_onnx(graph, request.out, x, check_inputs=request.check_inputs, reference=model,
-                           opset=request.opset)
+                           opset=request.opset, dynamic_size=request.dynamic_size)
     calibration = load_calibration(request.calibration_files, model, x.shape[-1])
     module = quantize_checked(graph, model, x, calibration, out_path=request.out, min_cosine=request.min_cosine,
                               opset=request.opset)
@@ -81,14 +82,16 @@ register_export_format(ExportFormat("openvino", (".xml",), _write_openvino_forma
 def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precision: str = "fp32",
                  deploy: bool = False, checkpoint: str | os.PathLike | None = None, image_size: int | None = None,
                  calibration: str | os.PathLike | None = None, calibration_count: int = 64,
-                 min_cosine: float | None = None, opset: int | None = None, device: str = "cpu") -> dict[str, Any]:
+                 min_cosine: float | None = None, opset: int | None = None, device: str = "cpu",
+                 dynamic_size: bool = False) -> dict[str, Any]:
     """Export model ``name`` (weights from ``checkpoint``) to ``out``; returns the output check (max |diff|,
     max |output|, cosine) and what was written.
 
     Every argument (format, precision, target path and extension, opset, image size, device, calibration folder
     and count, cosine gate) is checked before the model is built. ``deploy`` exports the deploy graph (norms
     folded); ``precision="int8"`` calibrates on the first ``calibration_count`` images under ``calibration``.
-    ``device`` is where the model is built and traced (ONNX Runtime checks it on the CPU)."""
+    ``device`` is where the model is built and traced (ONNX Runtime checks it on the CPU). ``dynamic_size``
+    (fp32 ONNX of a classifier) makes height and width dynamic, checked at a second, larger size."""
     from lowformer.deploy import default_input
     from lowformer.deploy.backends import parse_device
     from lowformer.deploy.calibration import calibration_files
@@ -116,6 +119,9 @@ def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precis
     files = calibration_files(calibration, calibration_count) if precision == "int8" else []
     if precision != "int8" and calibration is not None:
         raise LowformerError("--calibration is used by --precision int8 only; add --precision int8 or leave it out")
+    if dynamic_size and (format, precision, spec) != ("onnx", "fp32", None):
+        raise LowformerError("--dynamic-size is for fp32 ONNX exports of classifiers (--format onnx, no --precision "
+                             "int8, no ARCH:BACKBONE); leave it out")
     resolve_model_name(name if spec is None else spec.backbone)
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise LowformerError(f"--checkpoint {checkpoint}: no such file")
@@ -126,13 +132,17 @@ def export_model(name: str, out: str | os.PathLike, format: str = "onnx", precis
         model = model.to(torch_device)
     else:
         model = create_model(name, checkpoint_path=checkpoint).eval().to(torch_device)
+        if dynamic_size:
+            from lowformer.deploy.onnx import check_dynamic_size
+            check_dynamic_size(model)
         x = default_input(model)
         if image_size is not None:
             x = torch.randn(1, x.shape[1], image_size, image_size)
     x = x.to(torch_device)
-    report = fmt.write(ExportRequest(model, x, out, precision, deploy, files, min_cosine, opset, check_inputs))
+    report = fmt.write(ExportRequest(model, x, out, precision, deploy, files, min_cosine, opset, check_inputs,
+                                     dynamic_size))
     return {**report, "out": str(out), "format": format, "precision": precision, "deploy": deploy, "opset": opset,
-            "image_size": x.shape[-2], "image_width": x.shape[-1]}
+            "image_size": x.shape[-2], "image_width": x.shape[-1], "dynamic_size": dynamic_size}
 
 
 def _dense_export_model(name: str, task: str, checkpoint: str | os.PathLike | None,

@@ -32,7 +32,7 @@ from lowformer.deploy.fold import fold_input_size
 from lowformer.errors import LowformerError
 from lowformer.files import atomic_output
 
-__all__ = ["OPSET", "MIN_OPSET", "MAX_OPSET", "check_opset", "write_onnx", "export_onnx", "check_onnx",
+__all__ = ["OPSET", "MIN_OPSET", "MAX_OPSET", "check_opset", "write_onnx", "export_onnx", "check_onnx", "check_dynamic_size",
            "ort_session", "OrtModule", "quantize_int8", "quantize_checked", "calibration_batches", "deploy_int8",
            "portable_deploy", "cpu_has_vnni"]
 
@@ -145,16 +145,21 @@ def _held_output() -> Iterator[list[str]]:
             text.append(held.read())
 
 
-def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = OPSET) -> None:
+def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike, opset: int = OPSET,
+               dynamic_size: bool = False) -> None:
     """Export ``model`` to ``path`` (a fresh temporary file: callers publish it once checked) with a dynamic batch
-    axis (input ``input``, output ``output``), unchecked. A model with several outputs names them and their
+    axis (input ``input``, output ``output``), unchecked; ``dynamic_size`` makes the input's height and width
+    dynamic too. A model with several outputs names them and their
     dynamic axes itself (``output_names``, ``dynamic_axes`` attributes, e.g.
     :class:`lowformer.detection.DetectorExport`). A model the exporter cannot express raises one
     LowformerError naming its reason. Weights a model resizes from the input shape
-    (EdgeFormer) are first folded for ``example_input``'s size."""
+    (EdgeFormer) are first folded for ``example_input``'s size, so such a model has no dynamic-size export."""
     check_opset(opset)
     output_names = list(getattr(model, "output_names", ("output",)))
     dynamic_axes = getattr(model, "dynamic_axes", {"input": {0: "batch"}, "output": {0: "batch"}})
+    if dynamic_size:
+        check_dynamic_size(model)
+        dynamic_axes = {**dynamic_axes, "input": {0: "batch", 2: "height", 3: "width"}}
     model = fold_input_size(model, example_input)
     try:
         with torch.inference_mode(False), torch.no_grad(), _held_output() as held:
@@ -168,13 +173,21 @@ def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pat
                              "run it in PyTorch (lowformer.deploy(model) or the eager model) instead") from None
 
 
+def check_dynamic_size(model: nn.Module) -> None:
+    """Refuse, in one line, a dynamic-size export of a model whose weights are resized from the input shape."""
+    from lowformer.deploy.fold import needs_input_size_folding
+    if needs_input_size_folding(model):
+        raise LowformerError(f"{type(model).__name__} resizes its kernels to the input size, so it has no "
+                             "dynamic-size graph: export it at a fixed --image-size instead")
+
+
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor,
                 check_inputs: list[torch.Tensor] | None = None, reference: nn.Module | None = None,
                 rtol: float | None = DEFAULT_RTOL, min_cosine: float | None = None,
-                opset: int = OPSET) -> dict[str, float]:
+                opset: int = OPSET, dynamic_size: bool = False) -> dict[str, float]:
     """The one ONNX export: :func:`write_onnx` to a temporary name beside ``path``, check ONNX Runtime against
-    ``reference`` (default: ``model``) on ``check_inputs`` (default: ``example_input`` and a batch of two), then
-    rename over ``path``.
+    ``reference`` (default: ``model``) on ``check_inputs`` (default: ``example_input`` and a batch of two; with
+    ``dynamic_size`` also a batch of two 32 x 64 pixels larger), then rename over ``path``.
 
     Returns the check result. On any failure (OutputMismatchError when outputs diverge, an exporter error)
     ``path`` keeps what it held before and no temporary file is left."""
@@ -185,10 +198,28 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     if check_inputs is None:
         check_inputs = [example_input.cpu(), torch.randn(2, *example_input.shape[1:])]
     check_inputs = [x.cpu() for x in check_inputs]
+    what = f"ONNX export of {type(model).__name__} (opset {opset})"
     with atomic_output(path) as tmp, warnings_held():
-        write_onnx(model, traced_input, tmp, opset)
-        return check_onnx(tmp, reference or model, check_inputs, rtol=rtol, min_cosine=min_cosine,
-                          what=f"ONNX export of {type(model).__name__} (opset {opset})")
+        write_onnx(model, traced_input, tmp, opset, dynamic_size)
+        result = check_onnx(tmp, reference or model, check_inputs, rtol=rtol, min_cosine=min_cosine, what=what)
+        if dynamic_size:
+            _check_other_size(tmp, reference or model, example_input, rtol, min_cosine, what)
+        return result
+
+
+def _check_other_size(path: Path, reference: nn.Module, example_input: torch.Tensor, rtol: float | None,
+                      min_cosine: float | None, what: str) -> None:
+    """A dynamic-size export must also match at a size it was not traced at; a model whose graph the tracer tied
+    to the traced size (shapes turned into constants) fails in one line here."""
+    n, c, h, w = example_input.shape
+    other = torch.randn(2, c, h + 32, w + 64)
+    try:
+        with _held_output():  # ONNX Runtime logs its shape error to stderr before raising it
+            check_onnx(path, reference, [other], rtol=rtol, min_cosine=min_cosine, what=f"{what} at {h + 32}x{w + 64}")
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's shape errors and divergence alike mean "no dynamic size"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LowformerError(f"{type(reference).__name__} has no dynamic-size ONNX graph (traced at {h}x{w}, it fails "
+                             f"at {h + 32}x{w + 64}: {reason[:200]}); export it without --dynamic-size") from None
 
 
 @contextlib.contextmanager
