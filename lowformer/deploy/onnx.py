@@ -28,7 +28,7 @@ import torch.nn as nn
 from lowformer.deploy.calibration import CHECK_BATCHES, calibration_batches
 from lowformer.deploy.check import DEFAULT_RTOL, verify_outputs
 from lowformer.deploy.cpu import cpu_has_vnni
-from lowformer.deploy.fold import fold_input_size
+from lowformer.deploy.fold import fold_input_size, needs_input_size_folding
 from lowformer.errors import LowformerError
 from lowformer.files import atomic_output
 
@@ -175,7 +175,6 @@ def write_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pat
 
 def check_dynamic_size(model: nn.Module) -> None:
     """Refuse, in one line, a dynamic-size export of a model whose weights are resized from the input shape."""
-    from lowformer.deploy.fold import needs_input_size_folding
     if needs_input_size_folding(model):
         raise LowformerError(f"{type(model).__name__} resizes its kernels to the input size, so it has no "
                              "dynamic-size graph: export it at a fixed --image-size instead")

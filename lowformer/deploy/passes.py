@@ -163,10 +163,8 @@ def sample_norm(gm: fx.GraphModule) -> fx.GraphModule:
     for node, gn in call_modules(gm, nn.GroupNorm):
         if gn.num_groups != 1 or not _is_plain_group_norm(gn):
             continue
-        weight = gn.weight if gn.affine else None
-        norm = SampleNorm(gn.num_channels, eps=gn.eps, affine=gn.affine,
-                          device=None if weight is None else weight.device,
-                          dtype=None if weight is None else weight.dtype)
+        factory = {"device": gn.weight.device, "dtype": gn.weight.dtype} if gn.affine else {}
+        norm = SampleNorm(gn.num_channels, eps=gn.eps, affine=gn.affine, **factory)
         if gn.affine:
             norm.load_state_dict(gn.state_dict())
         replace_module(gm, node, norm)
