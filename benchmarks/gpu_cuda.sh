@@ -10,7 +10,8 @@
 # is logged and the others still run; the script exits non-zero if any did.
 # Environment: PYTHON (python3), DEVICE (cuda; cpu runs the same flow with the CPU's backends, to check the
 # script without a GPU), BATCH (the large batch, 200), MIN_TIME (seconds per figure, 2), STEP_TIMEOUT (seconds
-# per group, 300), TRAIN_PER_CLASS (generated training images per class, 64; batch 128).
+# per group, 300), TRAIN_PER_CLASS (generated training images per class, 64; batch 128), ONLY (space-separated
+# group / train_<amp> names to run, e.g. "b1_fp16 train_fp16", to finish a run a time limit cut short; default all).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:?usage: benchmarks/gpu_cuda.sh OUT_DIR}
@@ -35,8 +36,10 @@ failed=0
 cat "$OUT/env.txt"
 
 # group NAME ARGS...: one `lowformer bench` call, its records in NAME.csv, its output in NAME.log
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 group() {
   local name=$1; shift
+  wanted "$name" || return 0
   echo "== $name: $*"
   if ! timeout "$STEP_TIMEOUT" "$PY" -m lowformer bench lowformer_b0 lowformer_b1 --device "$DEVICE" \
       --min-time "$MIN_TIME" "$@" --out "$OUT/$name.csv" > "$OUT/$name.log" 2>&1; then
@@ -78,6 +81,7 @@ for split, count in (("train", int(sys.argv[2])), ("val", 8)):
             Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
 EOF
 for amp in "${train_amps[@]}"; do
+  wanted "train_$amp" || continue
   echo "== train_$amp"
   run="$OUT/.train_$amp"
   rm -rf "$run"

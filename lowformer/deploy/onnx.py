@@ -29,7 +29,7 @@ from lowformer.deploy.calibration import CHECK_BATCHES, calibration_batches
 from lowformer.deploy.check import DEFAULT_RTOL, verify_outputs
 from lowformer.deploy.cpu import cpu_has_vnni
 from lowformer.deploy.fold import fold_input_size, needs_input_size_folding
-from lowformer.errors import LowformerError
+from lowformer.errors import LowformerError, import_optional
 from lowformer.files import atomic_output
 
 __all__ = ["OPSET", "MIN_OPSET", "MAX_OPSET", "check_opset", "write_onnx", "export_onnx", "check_onnx", "check_dynamic_size",
@@ -59,11 +59,7 @@ def check_opset(opset: int) -> int:
 
 
 def _import_ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise LowformerError("ONNX export and int8 need onnx and onnxruntime: pip install 'lowformer[onnx]'") from None
-    return onnxruntime
+    return import_optional("onnxruntime", "onnx", "ONNX export and int8")
 
 
 def ort_session(model: str | os.PathLike | bytes, threads: int = 1, device: torch.device | str = "cpu",

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from lowformer.deploy.check import DEFAULT_RTOL, verify_outputs
-from lowformer.errors import LowformerError
+from lowformer.errors import LowformerError, import_optional
 
 __all__ = ["OV_PRECISIONS", "OvModule", "compile_openvino", "convert_openvino", "deploy_openvino",
            "openvino_backend", "quantize_openvino", "save_openvino", "write_openvino_format"]
@@ -36,20 +36,11 @@ _HINT = {"fp32": "f32", "bf16": "bf16"}
 
 
 def _import_ov() -> Any:
-    try:
-        import openvino
-    except ImportError:
-        raise LowformerError("the OpenVINO runtime needs openvino (and nncf for int8): "
-                             "pip install 'lowformer[openvino]'") from None
-    return openvino
+    return import_optional("openvino", "openvino", "the OpenVINO runtime")
 
 
 def _import_nncf() -> Any:
-    try:
-        import nncf
-    except ImportError:
-        raise LowformerError("OpenVINO int8 needs nncf: pip install 'lowformer[openvino]'") from None
-    return nncf
+    return import_optional("nncf", "openvino", "OpenVINO int8")
 
 
 def compile_openvino(ov_model: Any, threads: int = 1, inference_precision: str = "fp32") -> Any:

@@ -20,7 +20,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from lowformer.errors import LowformerError
+from lowformer.errors import LowformerError, import_optional
 
 __all__ = ["CocoDetectionData", "DetectionDataError", "collate", "eval_transforms", "find_split", "train_transforms"]
 
@@ -57,7 +57,7 @@ class CocoDetectionData(torch.utils.data.Dataset):
 
     def __init__(self, images: str | os.PathLike, annotations: str | os.PathLike, transforms: Any = None,
                  masks: bool = False, skip_empty: bool = False) -> None:
-        from pycocotools.coco import COCO
+        COCO = import_optional("pycocotools.coco", "detection", "COCO annotations").COCO
         self.images = Path(images)
         ann_path = Path(annotations)
         if not ann_path.is_file():

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from lowformer.detection.data import CocoDetectionData, _quiet, collate
+from lowformer.errors import import_optional
 
 __all__ = ["coco_metrics", "detections_to_coco", "evaluate_detector"]
 
@@ -14,7 +15,7 @@ __all__ = ["coco_metrics", "detections_to_coco", "evaluate_detector"]
 def detections_to_coco(outputs: list[dict[str, torch.Tensor]], image_ids: list[int], cat_ids: list[int],
                        masks: bool = False) -> list[dict[str, Any]]:
     """COCO results entries (xywh boxes, category ids, scores, and RLE ``segmentation`` for masks)."""
-    from pycocotools import mask as mask_utils
+    mask_utils = import_optional("pycocotools.mask", "detection", "COCO results with masks")
     results = []
     for out, img_id in zip(outputs, image_ids):
         boxes = out["boxes"].detach().cpu().float()
@@ -39,7 +40,7 @@ def coco_metrics(coco_gt: Any, results: list[dict[str, Any]], iou_types: tuple[s
                  image_ids: list[int] | None = None) -> dict[str, Any]:
     """pycocotools' COCOeval on ``results``: ``<type>_map``, ``_map_50``, ``_map_75``, ``_map_s/m/l`` (percent)
     and ``<type>_per_class`` {category name: AP in percent, or None where the class has no ground truth}."""
-    from pycocotools.cocoeval import COCOeval
+    COCOeval = import_optional("pycocotools.cocoeval", "detection", "COCO mAP").COCOeval
     metrics: dict[str, Any] = {}
     names = ("map", "map_50", "map_75", "map_s", "map_m", "map_l")
     for iou_type in iou_types:

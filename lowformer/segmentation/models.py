@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowformer.errors import LowformerError
+from lowformer.errors import LowformerError, import_optional
 
 __all__ = ["ARCHS", "Segmenter", "SegmenterError", "create_segmenter", "load_encoder_checkpoint"]
 
@@ -116,7 +116,7 @@ def create_segmenter(arch: str, backbone: str, num_classes: int, *, checkpoint_p
         output_stride: DeepLabv3's encoder output stride, 16 (default) or 8.
         kwargs: overrides of the preset's smp arguments, or encoder arguments (e.g. ``drop_path_rate``).
     """
-    import segmentation_models_pytorch as smp
+    smp = import_optional("segmentation_models_pytorch", "segmentation", "segmentation")
 
     import lowformer.models  # noqa: F401  (registers the project's families with timm)
     if arch not in ARCHS:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lowformer.errors import import_optional
 from lowformer.segmentation.data import (
     IGNORE_INDEX,
     MEAN,
@@ -171,8 +172,8 @@ class SegmentationTask(Task):
             self.class_weight = torch.tensor(w / w.mean(), dtype=torch.float32)
         self.dice = None
         if sc.dice_weight > 0:
-            from segmentation_models_pytorch.losses import DiceLoss
-            self.dice = DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
+            losses = import_optional("segmentation_models_pytorch.losses", "segmentation", "the Dice loss")
+            self.dice = losses.DiceLoss("multiclass", ignore_index=IGNORE_INDEX)
 
     def describe(self) -> str:
         val = f", {len(self.val_set)} val" if self.val_set is not None else ""
