@@ -95,16 +95,18 @@ def test_onnx_export_is_checked_cached_and_keyed(tmp_path):
 
 
 def test_onnx_cache_is_not_reused_by_other_code(tmp_path, monkeypatch):
-    """A cached export made by other lowformer code (say, before a deploy pass changed) is not reused."""
+    """A cached export made by other lowformer code (say, before a deploy pass changed) is not reused, and the
+    new export replaces it; another input size of the same model stays."""
     from lowformer.deploy import backends
     model, x = _Head().eval(), torch.randn(1, 3, 16, 16)
     prepare(model, "onnxruntime-deploy", x, cache_key="head", cache_dir=tmp_path)
-    (first,) = tmp_path.glob("head_deploy_*.onnx")
-    assert first.stem.endswith("_" + backends._code_digest())
-    monkeypatch.setattr(backends, "_code_digest", lambda: "0ther000")
+    prepare(model, "onnxruntime-deploy", torch.randn(1, 3, 24, 24), cache_key="head", cache_dir=tmp_path)
+    first, other_size = sorted(tmp_path.glob("head_deploy_*.onnx"))
+    assert first.stem.startswith("head_deploy_16x16") and first.stem.endswith("_" + backends._code_digest())
+    monkeypatch.setattr(backends, "_code_digest", lambda: "0a1b2c3d")
     prepare(model, "onnxruntime-deploy", x, cache_key="head", cache_dir=tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("head_deploy_*.onnx")) == sorted(
-        [first.name, first.name.replace(first.stem.rsplit("_", 1)[1], "0ther000")])
+    assert sorted(p.name for p in tmp_path.glob("head_deploy_*.onnx")) == [
+        first.name.replace(first.stem.rsplit("_", 1)[1], "0a1b2c3d"), other_size.name]
 
 
 def test_onnx_export_that_diverges_is_refused(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import logging
 import os
@@ -335,15 +336,19 @@ def _code_digest() -> str:
 def cached_export(graph: nn.Module, reference: nn.Module, x: torch.Tensor, options: BackendOptions,
                    variant: str) -> Path:
     """The ONNX file of ``graph`` in the cache, exported (and checked against ``reference``) once per
-    (model, weights, input size, opset, variant, exporting code)."""
+    (model, weights, input size, opset, variant, exporting code). A new export removes the same model's
+    exports made by other code, which this code never reads again, so the cache does not grow per change."""
     from lowformer.deploy.onnx import export_onnx
     size = "x".join(str(s) for s in x.shape[2:])
     opset = options.opset or OPSET
-    path = (options.cache_dir or onnx_cache_dir()) / (
-        f"{options.cache_key}{variant}_{size}_opset{opset}_{_weights_digest(reference)}_{_code_digest()}.onnx")
+    stem = f"{options.cache_key}{variant}_{size}_opset{opset}_{_weights_digest(reference)}"
+    path = (options.cache_dir or onnx_cache_dir()) / f"{stem}_{_code_digest()}.onnx"
     if not path.exists():
         _logger.info("exporting %s to %s", options.cache_key, path)
         export_onnx(graph, path, x[:1].cpu(), reference=reference, rtol=RTOL[None], opset=opset)
+        for stale in path.parent.glob(f"{glob.escape(stem)}_{'[0-9a-f]' * 8}.onnx"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
     return path
 
 
