@@ -59,7 +59,7 @@ def check_opset(opset: int) -> int:
 
 
 def _import_ort() -> Any:
-    return import_optional("onnxruntime", "onnx", "ONNX export and int8")
+    return import_optional("onnxruntime", "onnx", "ONNX export")
 
 
 def ort_session(model: str | os.PathLike | bytes, threads: int = 1, device: torch.device | str = "cpu",
