@@ -65,7 +65,9 @@ fi
 # A few AMP training steps at 224 px with the B0 ImageNet recipe on generated images (10 classes), so the
 # figure is the trainer's own (data loading, autocast, loss scaling for fp16, optimizer, EMA).
 DATA="$OUT/.images"
-"$PY" - "$DATA" "$TRAIN_PER_CLASS" <<'EOF'
+trains=()
+for amp in "${train_amps[@]}"; do wanted "train_$amp" && trains+=("$amp"); done
+[ ${#trains[@]} -eq 0 ] || "$PY" - "$DATA" "$TRAIN_PER_CLASS" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -80,8 +82,7 @@ for split, count in (("train", int(sys.argv[2])), ("val", 8)):
         for i in range(count):
             Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
 EOF
-for amp in "${train_amps[@]}"; do
-  wanted "train_$amp" || continue
+for amp in "${trains[@]}"; do
   echo "== train_$amp"
   run="$OUT/.train_$amp"
   rm -rf "$run"

@@ -325,6 +325,7 @@ def test_bad_arguments_fail_before_any_file_is_written(reference, tmp_path, kwar
     ("pycocotools.coco", "detection", "lowformer.detection.data", "CocoDetectionData", ("images", "instances.json")),
     ("onnxruntime", "onnx", "lowformer.deploy.onnx", "ort_session", (b"",)),
     ("openvino", "openvino", "lowformer.deploy.openvino", "compile_openvino", (None,)),
+    ("matplotlib", "plot", "lowformer.bench.results", "plot_figure", ([],)),
 ])
 def test_a_missing_optional_package_is_one_line_naming_the_extra(monkeypatch, module, extra, where, call, args):
     function = getattr(importlib.import_module(where), call)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lowformer.errors import LowformerError
+from lowformer.errors import LowformerError, import_optional
 from lowformer.files import atomic_output, check_output_path
 
 __all__ = ["RECORD_FIELDS", "OUTPUT_SUFFIXES", "PLOT_SUFFIXES", "format_table", "write_records", "read_records",
@@ -90,13 +90,9 @@ def plot_figure(records: list[dict[str, Any]], title: str = "") -> Any:
     One size: a panel per batch size, batch 1 (the headline latency) first, each with grouped bars per model
     for every (backend, threads) series: median ms per image, IQR error bars, noisy figures hatched. Several
     sizes: median ms per batch against image size, one line per (model, backend, batch, threads)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
-    except ImportError as e:
-        raise LowformerError("--plot needs matplotlib: pip install 'lowformer[plot]'") from e
+    import_optional("matplotlib", "plot", "--plot").use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     records = [r for r in records if r.get("job") in (None, "", "all")]
     if not records:
         raise LowformerError("nothing to plot: no benchmark records")
