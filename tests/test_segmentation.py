@@ -1,6 +1,7 @@
 """Segmenters, data pipeline, metrics and inference of lowformer.segmentation."""
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from torchvision import tv_tensors
 from lowformer.segmentation import (
     ARCHS,
     ConfusionMatrix,
+    PasteObjects,
     SegDataError,
     SegmentationFolder,
     SegmenterError,
@@ -163,6 +165,95 @@ def test_augmentation_keeps_image_and_mask_aligned() -> None:
         border = F.max_pool2d(bright[None, None].float(), 3, 1, 1)[0, 0] - (
             -F.max_pool2d(-bright[None, None].float(), 3, 1, 1)[0, 0])
         assert (disagree * (1 - border)).sum() == 0
+
+
+def _paste_source(root, colours: dict[str, tuple[int, int, int]]):
+    """A classification folder: four 8x8 photos of one solid colour per class."""
+    for name, colour in colours.items():
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("shape", ["ellipse", "box"])
+def test_paste_objects_labels_each_cut_with_its_folders_class(tmp_path, shape: str) -> None:
+    names = ["background", "cat", "ship", "dog"]
+    colours = {"cat": (250, 0, 0), "dog": (0, 0, 250)}  # no "ship" folder: a source may cover some classes
+    paste = PasteObjects(_paste_source(tmp_path / "src", colours), names, count=(3, 3), size=(12, 20),
+                         aspect=(0.7, 1.4), shape=shape)
+    image, mask = _square_pair()  # a "ship" square (label 2) of value 250 on black
+    image, mask = torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask).long()
+    seen = set()
+    for seed in range(10):
+        torch.manual_seed(seed)
+        x, y = paste(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert isinstance(x, tv_tensors.Image) and isinstance(y, tv_tensors.Mask)
+        assert torch.equal(y[mask == 2], mask[mask == 2])  # the existing object is never covered
+        assert torch.equal(x[:, mask == 2], image[:, mask == 2])
+        changed = y != mask
+        assert torch.equal(changed, (x != image).any(0))  # the image changed exactly under the new labels
+        for label, colour in ((1, colours["cat"]), (3, colours["dog"])):
+            cut = y == label
+            seen.add(label) if cut.any() else None
+            assert torch.equal(x[:, cut], torch.tensor(colour, dtype=torch.uint8)[:, None].expand(3, int(cut.sum())))
+        # each paste's cut fills its box (box) or about pi/4 of it (ellipse): 3 pastes of 12-20 px
+        area = int(changed.sum())
+        assert 0 < area <= 3 * 20 * 28
+        torch.manual_seed(seed)
+        x2, y2 = paste(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        assert torch.equal(x, x2) and torch.equal(y, y2)  # torch's generator decides every draw
+    assert seen == {1, 3}
+    # one paste, alone on an empty image: its cut is an ellipse inscribed in its box, or the box
+    one = PasteObjects(tmp_path / "src", names, count=(1, 1), size=(20, 20), aspect=(1.0, 1.0), shape=shape)
+    torch.manual_seed(0)
+    _, y = one(tv_tensors.Image(torch.zeros(3, 40, 40, dtype=torch.uint8)), tv_tensors.Mask(torch.zeros(40, 40).long()))
+    ys, xs = torch.nonzero(y, as_tuple=True)
+    assert int(ys.max() - ys.min()) == 19 and int(xs.max() - xs.min()) == 19
+    expected = 400 if shape == "box" else math.pi * 100
+    assert abs(int((y > 0).sum()) - expected) < 0.05 * expected
+
+
+def test_paste_objects_anywhere_covers_and_full_image_skips(tmp_path) -> None:
+    src = _paste_source(tmp_path / "src", {"cat": (250, 0, 0)})
+    names = ["background", "cat"]
+    full = tv_tensors.Mask(torch.ones(30, 30).long())  # no free background anywhere
+    image = tv_tensors.Image(torch.zeros(3, 30, 30, dtype=torch.uint8))
+    torch.manual_seed(0)
+    x, y = PasteObjects(src, names, count=(2, 2), size=(10, 10))(image, full)
+    assert torch.equal(y, full) and not x.any()  # no free place: nothing pasted
+    full0 = tv_tensors.Mask(torch.zeros(30, 30).long())
+    torch.manual_seed(0)
+    _, y = PasteObjects(src, names, count=(1, 1), size=(10, 10), free_label=None)(image, tv_tensors.Mask(full0 + 5))
+    assert int((y == 1).sum()) > 0  # free_label None pastes over whatever is there
+
+
+def test_paste_objects_skips_an_unreadable_photo_naming_it(tmp_path, caplog) -> None:
+    src = tmp_path / "src"
+    (src / "cat").mkdir(parents=True)
+    (src / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    image = tv_tensors.Image(torch.zeros(3, 30, 30, dtype=torch.uint8))
+    mask = tv_tensors.Mask(torch.zeros(30, 30).long())
+    with caplog.at_level(logging.WARNING):
+        x, y = PasteObjects(src, ["background", "cat"], count=(2, 2), size=(10, 10))(image, mask)
+    assert torch.equal(y, mask) and torch.equal(x, image)
+    assert "broken.jpg" in caplog.text and "unreadable" in caplog.text
+
+
+def test_paste_source_errors_are_one_line(tmp_path) -> None:
+    names = ["background", "cat"]
+    with pytest.raises(SegDataError, match="not found"):
+        PasteObjects(tmp_path / "none", names)
+    src = _paste_source(tmp_path / "src", {"cat": (250, 0, 0), "zebra": (0, 0, 0)})
+    with pytest.raises(SegDataError, match="folder\\(s\\) zebra name no class"):
+        PasteObjects(src, names)
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(SegDataError, match="no images"):
+        PasteObjects(tmp_path / "empty", names)
+    with pytest.raises(SegDataError, match="use ellipse or box"):
+        PasteObjects(src, ["background", "cat", "zebra"], shape="star")
+    with pytest.raises(SegDataError, match="min <= max"):
+        PasteObjects(src, ["background", "cat", "zebra"], count=(3, 1))
 
 
 def test_dataset_reads_pairs_and_eval_keeps_mask_size(tmp_path) -> None:

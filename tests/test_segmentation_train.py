@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -35,8 +36,8 @@ def _dataset(root, n_train: int = 4, n_val: int = 2) -> None:
 
 def _train(data, run, *extra: str) -> int:
     return main(["seg", "train", "configs/seg/composite/fpn_b0.yaml", "--data_provider.data_dir", str(data),
-                 "--path", str(run), "--segmentation.num_classes", "4", "--segmentation.class_names", "[]", *_FAST,
-                 *extra])
+                 "--path", str(run), "--segmentation.num_classes", "4", "--segmentation.class_names", "[]",
+                 "--segmentation.paste_source", "null", *_FAST, *extra])
 
 
 def test_train_eval_predict(tmp_path, capsys) -> None:
@@ -64,12 +65,24 @@ def test_train_eval_predict(tmp_path, capsys) -> None:
         assert o.size == i.size and o.mode == "RGB"
 
 
-def test_resume_equals_uninterrupted(tmp_path) -> None:
+def _paste_source(root) -> list[str]:
+    """Two classes of solid-colour photos, and the overrides that paste them."""
+    for name in ("red", "blue"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(root / name / f"{i}.png")
+    return ["--segmentation.class_names", "[background, red, green, blue]", "--segmentation.paste_source", str(root),
+            "--segmentation.paste_size", "[10,20]"]
+
+
+@pytest.mark.parametrize("paste", [False, True], ids=["plain", "copy_paste"])
+def test_resume_equals_uninterrupted(tmp_path, paste: bool) -> None:
     data = tmp_path / "data"
     _dataset(data)
-    assert _train(data, tmp_path / "full", "--run_config.n_epochs", "2") == 0
-    assert _train(data, tmp_path / "cut", "--run_config.n_epochs", "2", "--stop-after-epochs", "1") == 0
-    assert _train(data, tmp_path / "cut", "--run_config.n_epochs", "2", "--resume") == 0
+    extra = ["--run_config.n_epochs", "2", *(_paste_source(tmp_path / "src") if paste else [])]
+    assert _train(data, tmp_path / "full", *extra) == 0
+    assert _train(data, tmp_path / "cut", *extra, "--stop-after-epochs", "1") == 0
+    assert _train(data, tmp_path / "cut", *extra, "--resume") == 0
     a = torch.load(tmp_path / "full" / "checkpoint" / "evalmodel_final.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint" / "evalmodel_final.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -77,6 +90,24 @@ def test_resume_equals_uninterrupted(tmp_path) -> None:
     rows_a = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
     rows_b = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[2] for r in rows_a] == [r.split(",")[2] for r in rows_b]  # train loss per epoch
+
+
+def test_copy_paste_from_a_classification_folder(tmp_path, capsys, caplog) -> None:
+    data, src = tmp_path / "data", tmp_path / "src"
+    _dataset(data)
+    overrides = _paste_source(src)
+    names, paste = overrides[:2], overrides[2:]
+    with caplog.at_level(logging.INFO):
+        assert _train(data, tmp_path / "run", "--run_config.n_epochs", "1", *names, *paste) == 0
+    assert f"pasting 0-3 of the 6 photos in {src} per image" in caplog.text
+    # without class names the folders cannot be matched: one line, before any work
+    assert _train(data, tmp_path / "bad", "--run_config.n_epochs", "1", *paste) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "segmentation.paste_source" in err[0] and "class_names" in err[0]
+    assert _train(data, tmp_path / "bad", *names[:1], "[background, red, green, cyan]", *paste) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "folder(s) blue name no class" in err[0]
+    assert not (tmp_path / "bad" / "checkpoint").exists()
 
 
 def test_bad_input_is_one_line(tmp_path, capsys) -> None:

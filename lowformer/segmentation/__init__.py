@@ -1,6 +1,7 @@
 """Semantic segmentation on the project's backbones: segmenters, data, metrics, inference."""
 from lowformer.segmentation.data import (
     IGNORE_INDEX,
+    PasteObjects,
     SegDataError,
     SegmentationFolder,
     collate_seg,
@@ -22,6 +23,7 @@ __all__ = [
     "ARCHS",
     "IGNORE_INDEX",
     "ConfusionMatrix",
+    "PasteObjects",
     "SegDataError",
     "SegmentationFolder",
     "Segmenter",

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from lowformer.data.images import ImageReadError, load_image
 from lowformer.errors import LowformerError
 
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
+    "PasteObjects",
     "SegDataError",
     "SegSample",
     "SegmentationFolder",
@@ -157,12 +159,86 @@ def _normalize() -> list[v2.Transform]:
             v2.Normalize(MEAN, STD)]
 
 
+class PasteObjects:
+    """Copy-paste augmentation from a labelled photo folder (``root/<class name>/<image>``, the layout of
+    a classification set): pastes ``count`` (min, max) photos onto the image, each resized to a width in
+    ``size`` (pixels of the unscaled image) and an aspect ratio h/w in ``aspect``, cut to an ellipse or a
+    box, where its box covers only ``free_label`` (None: anywhere, occluding what is there; a photo with no
+    free place in ``tries`` draws is left out, an unreadable photo skipped with a warning naming it); the
+    label map takes the folder's class under the cut.
+
+    Folder names are matched to ``class_names`` (the segmentation classes); every folder must name one.
+    Draws come from torch's generator, so DataLoader's per-worker seeding makes them reproducible.
+    """
+
+    def __init__(self, root: str | os.PathLike, class_names: Sequence[str], count: Sequence[int] = (0, 3),
+                 size: Sequence[int] = (40, 112), aspect: Sequence[float] = (0.7, 1.4), shape: str = "ellipse",
+                 free_label: int | None = 0, tries: int = 20) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise SegDataError(f"paste source '{root}' not found (expected <class name>/<image> folders)")
+        index = {name: i for i, name in enumerate(class_names)}
+        folders = sorted(d for d in root.iterdir() if d.is_dir())
+        unknown = [d.name for d in folders if d.name not in index]
+        if unknown:
+            raise SegDataError(f"paste source '{root}': folder(s) {', '.join(unknown[:3])} name no class of "
+                               f"segmentation.class_names ({', '.join(class_names) or 'none set'})")
+        self.objects = [(p, index[d.name]) for d in folders for p in sorted(d.iterdir())
+                        if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if not self.objects:
+            raise SegDataError(f"paste source '{root}': no images in its class folders")
+        if shape not in ("ellipse", "box"):
+            raise SegDataError(f"paste shape '{shape}': use ellipse or box")
+        if not (0 <= count[0] <= count[1] and 1 <= size[0] <= size[1] and 0 < aspect[0] <= aspect[1]):
+            raise SegDataError(f"paste count {tuple(count)}, size {tuple(size)}, aspect {tuple(aspect)}: each must "
+                               "be a (min, max) range with min <= max, sizes >= 1 px")
+        self.count, self.size, self.aspect = tuple(count), tuple(size), tuple(aspect)
+        self.shape, self.free_label, self.tries = shape, free_label, tries
+
+    def _uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand(()))
+
+    def _randint(self, lo: int, hi: int) -> int:
+        """An integer in [lo, hi], both included."""
+        return int(torch.randint(lo, hi + 1, ()))
+
+    def __call__(self, image: tv_tensors.Image, mask: tv_tensors.Mask) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        image, mask = image.clone(), mask.clone()
+        height, width = mask.shape[-2:]
+        for _ in range(self._randint(*self.count)):
+            w = min(self._randint(*self.size), width)
+            h = max(1, min(round(w * self._uniform(*self.aspect)), height))
+            for _try in range(self.tries):
+                x0, y0 = self._randint(0, width - w), self._randint(0, height - h)
+                if self.free_label is None or bool((mask[..., y0:y0 + h, x0:x0 + w] == self.free_label).all()):
+                    break
+            else:
+                continue
+            path, label = self.objects[self._randint(0, len(self.objects) - 1)]
+            try:
+                photo = load_image(path).resize((w, h), Image.BICUBIC)
+            except ImageReadError as e:
+                _logger.warning("copy-paste: skipping %s", e)
+                continue
+            cut = Image.new("L", (w, h), 0)
+            draw = ImageDraw.Draw(cut)
+            (draw.ellipse if self.shape == "ellipse" else draw.rectangle)((0, 0, w - 1, h - 1), fill=255)
+            inside = torch.from_numpy(np.asarray(cut) > 127)
+            pixels = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).to(image.dtype)
+            region = image[:, y0:y0 + h, x0:x0 + w]
+            image[:, y0:y0 + h, x0:x0 + w] = torch.where(inside, pixels, region)
+            mask[..., y0:y0 + h, x0:x0 + w][..., inside] = label
+        return image, mask
+
+
 def train_transform(scale: Sequence[int], crop: Sequence[int], ratio_range: Sequence[float] = (0.5, 2.0),
-                    hflip: float = 0.5, photometric: bool = True) -> v2.Compose:
+                    hflip: float = 0.5, photometric: bool = True, paste: PasteObjects | None = None) -> v2.Compose:
     """mmseg's training pipeline on v2: resize to fit ``scale`` (h, w) times a ratio drawn from
     ``ratio_range`` keeping the aspect ratio, random crop ``crop`` (h, w) padded with 0 / 255, flip,
-    photometric distortion (brightness 32/255, contrast and saturation 0.5-1.5, hue 18 degrees)."""
-    steps: list[v2.Transform] = [
+    photometric distortion (brightness 32/255, contrast and saturation 0.5-1.5, hue 18 degrees); ``paste``
+    (copy-paste) first, on the image as read."""
+    steps: list = [paste] if paste is not None else []
+    steps += [
         v2.ScaleJitter(tuple(scale), scale_range=tuple(ratio_range), antialias=True),
         v2.RandomCrop(tuple(crop), pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
         v2.RandomHorizontalFlip(hflip),

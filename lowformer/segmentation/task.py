@@ -24,6 +24,7 @@ from lowformer.segmentation.data import (
     IGNORE_INDEX,
     MEAN,
     STD,
+    PasteObjects,
     SegmentationFolder,
     collate_seg,
     eval_transform,
@@ -72,6 +73,14 @@ class SegmentationConfig:
     backbone_checkpoint: str | None = None
     class_weight: str = "none"
     dice_weight: float = 0.0
+    # Copy-paste: photos of a classification folder (<class name>/<image>, names from class_names) pasted
+    # onto the training images before any resizing (PasteObjects); sizes in pixels of the images as read.
+    paste_source: str | None = None
+    paste_count: tuple[int, int] = (0, 3)
+    paste_size: tuple[int, int] = (40, 112)
+    paste_aspect: tuple[float, float] = (0.7, 1.4)
+    paste_shape: str = "ellipse"
+    paste_free_label: int | None = 0
 
 
 register_section("segmentation", SegmentationConfig)
@@ -91,6 +100,9 @@ def _check(sc: SegmentationConfig) -> None:
         raise ConfigError("config key 'segmentation.test_mode': use whole or slide")
     if sc.dice_weight < 0:
         raise ConfigError("config key 'segmentation.dice_weight': must be >= 0")
+    if sc.paste_source is not None and not sc.class_names:
+        raise ConfigError("config key 'segmentation.paste_source': set segmentation.class_names too, to match "
+                          "the source's class folders to the classes")
 
 
 def build_segmenter(cfg: TrainConfig, with_checkpoint: bool = True) -> Segmenter:
@@ -155,9 +167,12 @@ class SegmentationTask(Task):
         self.sc = sc = cfg.section("segmentation")
         _check(sc)
         data_dir = Path(cfg.data_provider.data_dir).expanduser()
+        self.paste = None if sc.paste_source is None else PasteObjects(
+            sc.paste_source, sc.class_names, sc.paste_count, sc.paste_size, sc.paste_aspect, sc.paste_shape,
+            sc.paste_free_label)
         self.train_set = SegmentationFolder(
             data_dir, sc.train_split, sc.num_classes,
-            train_transform(sc.scale, sc.crop, sc.ratio_range, cfg.data_provider.hflip, sc.photometric),
+            train_transform(sc.scale, sc.crop, sc.ratio_range, cfg.data_provider.hflip, sc.photometric, self.paste),
             reduce_zero_label=sc.reduce_zero_label)
         layout = _LAYOUTS.get(cfg.data_provider.dataset)
         if layout is not None and self.train_set.layout != layout:
@@ -177,8 +192,11 @@ class SegmentationTask(Task):
 
     def describe(self) -> str:
         val = f", {len(self.val_set)} val" if self.val_set is not None else ""
+        paste = "" if self.paste is None else (f"; pasting {self.sc.paste_count[0]}-{self.sc.paste_count[1]} of the "
+                                               f"{len(self.paste.objects)} photos in {self.sc.paste_source} per image")
         return (f"{self.sc.arch} on {self.cfg.net_config.name}, {self.sc.num_classes} classes, "
-                f"{len(self.train_set)} train images{val} ({self.train_set.unlabelled} without label map skipped)")
+                f"{len(self.train_set)} train images{val} ({self.train_set.unlabelled} without label map skipped)"
+                f"{paste}")
 
     def build_model(self) -> nn.Module:
         return build_segmenter(self.cfg)
