@@ -48,11 +48,12 @@ pretrain() {
   stage_end pretrain
 }
 
-# composite_benchmark CMD SECTION CONFIG EPOCHS: pre-training (unless PRETRAIN_EPOCHS=0), `lowformer CMD train
-# CONFIG` (SECTION.backbone_checkpoint = the classifier; EPOCHS overrides n_epochs when set), `lowformer CMD eval`
-# on val, then RUN/benchmark.json. Reads what composite_args sets, and HERE.
+# composite_benchmark CMD SECTION CONFIG EPOCHS [ARG...]: pre-training (unless PRETRAIN_EPOCHS=0), `lowformer CMD
+# train CONFIG ARG...` (SECTION.backbone_checkpoint = the classifier; EPOCHS overrides n_epochs when set),
+# `lowformer CMD eval` on val, then RUN/benchmark.json. Reads what composite_args sets, and HERE.
 composite_benchmark() {
   local cmd=$1 section=$2 config=$3 n_epochs=$4 init=() epochs=()
+  shift 4
   mkdir -p "$(dirname "$RUN")"
   if [ "$PRETRAIN_EPOCHS" -gt 0 ]; then
     if [ ! -d "$DATA/../cifar10/train" ]; then
@@ -67,7 +68,7 @@ composite_benchmark() {
   if ! finished "$RUN"; then
     # shellcheck disable=SC2046
     "$PY" -m lowformer "$cmd" train "$HERE/$config" --data_provider.data_dir "$DATA" --path "$RUN" --no-progress \
-      "${init[@]}" "${epochs[@]}" $(resume_flag "$RUN")
+      "${init[@]}" "${epochs[@]}" "$@" $(resume_flag "$RUN")
   fi
   stage_end train
   stage_start
