@@ -17,7 +17,11 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=benchmarks/composite_stages.sh
 source "$HERE/benchmarks/composite_stages.sh"
 composite_args "$@"
-require_files "$DATA/images/train" "$DATA/annotations/train" "$DATA/images/val" "$DATA/annotations/val" \
-  "$DATA/../cifar10/train"
+require_files "$DATA/images/train" "$DATA/annotations/train" "$DATA/images/val" "$DATA/annotations/val"
+if [ ! -d "$DATA/../cifar10/train" ]; then
+  echo "$0: '$DATA/../cifar10/train' not found: the recipe pastes CIFAR-10 training photos (segmentation.paste_source);" \
+    "put the cifar10 folder beside DATA_DIR" >&2
+  exit 2
+fi
 composite_benchmark seg segmentation configs/seg/composite/fpn_b0.yaml "${SEG_EPOCHS:-}" \
   --segmentation.paste_source "$DATA/../cifar10/train"
